@@ -1,0 +1,858 @@
+//! Certificate authority for a Gatehouse deployment.
+//!
+//! # Layout
+//! - [`CertificateAuthority`]: an in-memory CA (ECDSA P-256) that issues server and device
+//!   certificates and signs CRLs. Tests and the simulator use it directly, without files.
+//! - [`PkiDir`]: the on-disk CA the `gatehouse-pki` tool manages: `ca.pem`/`ca.key`,
+//!   `server.pem`/`server.key`, `devices/ID.pem`/`devices/ID.key`, `index.json` (every
+//!   certificate issued and its revocation) and `crl.pem`.
+//! - [`Manifest`]: the bulk-enrollment file written by `gatehouse-pki fleet` and read by
+//!   `gatehouse devices enroll --manifest`.
+//! - [`validate_device_id`] / [`validate_device_type`]: the one definition of what a device id
+//!   and a device type may contain, shared with the gateway's registry.
+//!
+//! This crate owns certificate *issuance*. It does not decide whether a device may connect:
+//! the gateway's registry is the authority for a device's type and status.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use rustls_pki_types::pem::PemObject;
+use time::{Duration, OffsetDateTime};
+
+/// Validity of a new CA certificate: 10 years, long enough to outlive the devices it signs.
+pub const DEFAULT_CA_VALIDITY_DAYS: u32 = 3650;
+/// Validity of a server certificate: 1 year, renewed with the rest of the server's config.
+pub const DEFAULT_SERVER_VALIDITY_DAYS: u32 = 365;
+/// Validity of a device certificate: 2 years, a typical field-rotation period.
+pub const DEFAULT_DEVICE_VALIDITY_DAYS: u32 = 730;
+/// Time from a CRL's issue to its `nextUpdate`: 7 days. Re-sign (`gatehouse-pki crl`) before.
+pub const DEFAULT_CRL_VALIDITY_DAYS: u32 = 7;
+/// Certificates are back-dated by this much so that devices with a slightly slow clock accept
+/// them and the gateway accepts them from the first second.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::minutes(5);
+/// Longest device id: it goes into a CN (64 characters at most by RFC 5280) and a file name.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+/// Longest device type: it names a directory under `schemas/`.
+pub const MAX_DEVICE_TYPE_LEN: usize = 32;
+/// Prefix of the SAN URI that carries the device id.
+pub const DEVICE_URI_PREFIX: &str = "urn:gatehouse:device:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("invalid device id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ - (it must fit in a certificate SAN URI and a file name), not starting with '.' or '-'")]
+    InvalidDeviceId(String),
+    #[error("invalid device type {0:?}: use 1-32 characters from a-z 0-9 _ -, starting with a letter (it names a directory under schemas/)")]
+    InvalidDeviceType(String),
+    #[error("no CA in {0}: run `gatehouse-pki init --dir {0}` first")]
+    MissingCa(PathBuf),
+    #[error("a CA already exists in {0}: pass --force to replace it (every certificate it issued stops being trusted)")]
+    CaExists(PathBuf),
+    #[error("device {0:?} already has a certificate: pass --rotate to issue another one (the old one stays valid until revoked)")]
+    DeviceExists(String),
+    #[error("unknown device {0:?}: `gatehouse-pki list` shows the devices this CA issued")]
+    UnknownDevice(String),
+    #[error("device {0:?} has no certificate that is not already revoked")]
+    AlreadyRevoked(String),
+    #[error("fleet count must be at least 1")]
+    EmptyFleet,
+    #[error("server certificate needs at least one --dns name or --ip address")]
+    NoServerNames,
+    #[error("invalid DNS name {0:?} for the server certificate")]
+    InvalidDnsName(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("no certificate found in {0}")]
+    NoCertificate(PathBuf),
+}
+
+pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks a device id: 1-64 of `A-Za-z0-9._-`, not starting with `.` or `-`.
+pub fn validate_device_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_DEVICE_ID_LEN
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidDeviceId(id.to_string()))
+    }
+}
+
+/// Checks a device type: 1-32 of `a-z0-9_-`, starting with a letter.
+pub fn validate_device_type(device_type: &str) -> Result<()> {
+    let ok = device_type.len() <= MAX_DEVICE_TYPE_LEN
+        && device_type.starts_with(|c: char| c.is_ascii_lowercase())
+        && device_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidDeviceType(device_type.to_string()))
+    }
+}
+
+/// Lower-case hex SHA-256 of a certificate's DER: the identity the registry enrolls.
+pub fn fingerprint_hex(cert_der: &[u8]) -> String {
+    hex::encode(Sha256::digest(cert_der))
+}
+
+/// A certificate and its private key, as issued.
+#[derive(Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 DER of the private key.
+    pub key_der: Vec<u8>,
+    /// Big-endian serial number bytes.
+    pub serial: Vec<u8>,
+    pub not_after: OffsetDateTime,
+}
+
+impl IssuedCert {
+    pub fn fingerprint_hex(&self) -> String {
+        fingerprint_hex(&self.cert_der)
+    }
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("serial", &hex::encode(&self.serial))
+            .field("sha256", &self.fingerprint_hex())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Options for a device certificate. The defaults are what production devices get; tests
+/// turn individual properties off to prove the gateway refuses them.
+#[derive(Clone, Debug)]
+pub struct DeviceCertOptions {
+    pub validity: Duration,
+    /// Start of validity; `None` is now minus [`CLOCK_SKEW_ALLOWANCE`].
+    pub not_before: Option<OffsetDateTime>,
+    /// Include the clientAuth extended key usage (the gateway requires it).
+    pub client_auth_eku: bool,
+}
+
+impl Default for DeviceCertOptions {
+    fn default() -> Self {
+        Self {
+            validity: Duration::days(DEFAULT_DEVICE_VALIDITY_DAYS.into()),
+            not_before: None,
+            client_auth_eku: true,
+        }
+    }
+}
+
+/// One revoked certificate, as it goes into a CRL.
+#[derive(Clone, Debug)]
+pub struct Revocation {
+    pub serial: Vec<u8>,
+    pub revoked_at: OffsetDateTime,
+}
+
+/// An in-memory certificate authority with an ECDSA P-256 key.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("sha256", &fingerprint_hex(&self.cert_der))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // A failing OS RNG is not recoverable for a CA; fall back to time would repeat serials.
+    getrandom::fill(&mut bytes).unwrap_or_else(|e| panic!("the OS random generator failed: {e}"));
+    // Positive, non-zero and 16 bytes long (RFC 5280 allows up to 20).
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Gatehouse");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc())
+}
+
+impl CertificateAuthority {
+    /// Generates a new CA with a fresh key.
+    pub fn generate(common_name: &str, validity: Duration) -> Result<Self> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        let start = now() - CLOCK_SKEW_ALLOWANCE;
+        params.not_before = start;
+        params.not_after = start + validity;
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its certificate and PKCS#8 key in PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            cert_der: der.to_vec(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Issues a server certificate (serverAuth) for the given DNS names and IP addresses.
+    pub fn issue_server(
+        &self,
+        dns: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<IssuedCert> {
+        if dns.is_empty() && ips.is_empty() {
+            return Err(PkiError::NoServerNames);
+        }
+        let mut sans = Vec::new();
+        for name in dns {
+            let ia5 = name
+                .clone()
+                .try_into()
+                .map_err(|_| PkiError::InvalidDnsName(name.clone()))?;
+            sans.push(SanType::DnsName(ia5));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let cn = dns
+            .first()
+            .cloned()
+            .or_else(|| ips.first().map(|ip| ip.to_string()))
+            .unwrap_or_default();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&cn);
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let start = now() - CLOCK_SKEW_ALLOWANCE;
+        params.not_before = start;
+        params.not_after = start + validity;
+        self.sign(params)
+    }
+
+    /// Issues a device certificate: CN and SAN URI `urn:gatehouse:device:ID`.
+    pub fn issue_device(&self, id: &str, options: &DeviceCertOptions) -> Result<IssuedCert> {
+        validate_device_id(id)?;
+        let uri = format!("{DEVICE_URI_PREFIX}{id}");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(id);
+        params.subject_alt_names = vec![SanType::URI(
+            uri.try_into()
+                .map_err(|_| PkiError::InvalidDeviceId(id.to_string()))?,
+        )];
+        if options.client_auth_eku {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let start = options
+            .not_before
+            .unwrap_or_else(|| now() - CLOCK_SKEW_ALLOWANCE);
+        params.not_before = start;
+        params.not_after = start + options.validity;
+        self.sign(params)
+    }
+
+    /// Issues a client certificate for the gateway itself, for `wss://` backends that want
+    /// mutual TLS.
+    pub fn issue_client(&self, common_name: &str, validity: Duration) -> Result<IssuedCert> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let start = now() - CLOCK_SKEW_ALLOWANCE;
+        params.not_before = start;
+        params.not_after = start + validity;
+        self.sign(params)
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> Result<IssuedCert> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        params.use_authority_key_identifier_extension = true;
+        let not_after = params.not_after;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            serial: serial.to_bytes(),
+            not_after,
+        })
+    }
+
+    /// Signs a CRL listing `revoked`, valid from `this_update` until `next_update`.
+    pub fn crl_pem(
+        &self,
+        revoked: &[Revocation],
+        crl_number: u64,
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String> {
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: r.revoked_at,
+                    reason_code: Some(RevocationReason::Unspecified),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+/// One certificate the on-disk CA issued.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// Hex serial number.
+    pub serial: String,
+    pub sha256: String,
+    /// Certificate path relative to the PKI directory.
+    pub cert: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Index {
+    crl_number: u64,
+    devices: Vec<IndexEntry>,
+}
+
+/// One device in a bulk-enrollment manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// Certificate path; relative paths are relative to the manifest's directory.
+    pub cert: String,
+    /// Lower-case hex SHA-256 of the certificate DER.
+    pub sha256: String,
+}
+
+/// The file `gatehouse-pki fleet` writes and `gatehouse devices enroll --manifest` reads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub devices: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        serde_json::from_str(&text).map_err(|e| PkiError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("not a Gatehouse manifest: {e}"),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename), with `mode` on Unix.
+pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if private { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(bytes).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// The on-disk CA managed by `gatehouse-pki`.
+pub struct PkiDir {
+    dir: PathBuf,
+    ca: CertificateAuthority,
+    index: Index,
+}
+
+impl std::fmt::Debug for PkiDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PkiDir").field("dir", &self.dir).finish()
+    }
+}
+
+impl PkiDir {
+    pub const CA_CERT: &'static str = "ca.pem";
+    pub const CA_KEY: &'static str = "ca.key";
+    pub const SERVER_CERT: &'static str = "server.pem";
+    pub const SERVER_KEY: &'static str = "server.key";
+    pub const CRL: &'static str = "crl.pem";
+    pub const INDEX: &'static str = "index.json";
+    pub const DEVICES: &'static str = "devices";
+
+    /// Creates a new CA in `dir` (and an empty CRL). Refuses to replace one unless `force`.
+    pub fn init(dir: &Path, force: bool) -> Result<Self> {
+        let cert_path = dir.join(Self::CA_CERT);
+        if !force && (cert_path.exists() || dir.join(Self::CA_KEY).exists()) {
+            return Err(PkiError::CaExists(dir.to_path_buf()));
+        }
+        fs::create_dir_all(dir.join(Self::DEVICES)).map_err(io_err(dir))?;
+        let ca = CertificateAuthority::generate(
+            "Gatehouse Device CA",
+            Duration::days(DEFAULT_CA_VALIDITY_DAYS.into()),
+        )?;
+        write_atomic(&dir.join(Self::CA_KEY), ca.key_pem().as_bytes(), true)?;
+        write_atomic(&cert_path, ca.cert_pem().as_bytes(), false)?;
+        let mut pki = Self {
+            dir: dir.to_path_buf(),
+            ca,
+            index: Index::default(),
+        };
+        pki.save_index()?;
+        pki.write_crl(Duration::days(DEFAULT_CRL_VALIDITY_DAYS.into()))?;
+        Ok(pki)
+    }
+
+    /// Opens the CA in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let cert_path = dir.join(Self::CA_CERT);
+        let key_path = dir.join(Self::CA_KEY);
+        if !cert_path.exists() || !key_path.exists() {
+            return Err(PkiError::MissingCa(dir.to_path_buf()));
+        }
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let ca = CertificateAuthority::from_pem(&cert_pem, &key_pem)?;
+        let index_path = dir.join(Self::INDEX);
+        let index = if index_path.exists() {
+            let text = fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            serde_json::from_str(&text).map_err(|e| PkiError::Corrupt {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?
+        } else {
+            Index::default()
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ca,
+            index,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join(Self::CA_CERT)
+    }
+
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join(Self::CRL)
+    }
+
+    pub fn device_cert_path(&self, id: &str) -> PathBuf {
+        self.dir.join(Self::DEVICES).join(format!("{id}.pem"))
+    }
+
+    pub fn device_key_path(&self, id: &str) -> PathBuf {
+        self.dir.join(Self::DEVICES).join(format!("{id}.key"))
+    }
+
+    /// Every certificate this CA issued to a device, in issue order.
+    pub fn entries(&self) -> &[IndexEntry] {
+        &self.index.devices
+    }
+
+    fn save_index(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.index).map_err(|e| PkiError::Corrupt {
+            path: self.dir.join(Self::INDEX),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir.join(Self::INDEX), text.as_bytes(), false)
+    }
+
+    /// Issues `server.pem`/`server.key`.
+    pub fn issue_server(&self, dns: &[String], ips: &[IpAddr]) -> Result<IssuedCert> {
+        let issued = self.ca.issue_server(
+            dns,
+            ips,
+            Duration::days(DEFAULT_SERVER_VALIDITY_DAYS.into()),
+        )?;
+        write_atomic(
+            &self.dir.join(Self::SERVER_KEY),
+            issued.key_pem.as_bytes(),
+            true,
+        )?;
+        write_atomic(
+            &self.dir.join(Self::SERVER_CERT),
+            issued.cert_pem.as_bytes(),
+            false,
+        )?;
+        Ok(issued)
+    }
+
+    /// Issues a device certificate into `devices/ID.pem` and `devices/ID.key`.
+    pub fn issue_device(
+        &mut self,
+        id: &str,
+        device_type: &str,
+        rotate: bool,
+        options: &DeviceCertOptions,
+    ) -> Result<ManifestEntry> {
+        validate_device_id(id)?;
+        validate_device_type(device_type)?;
+        if !rotate && self.index.devices.iter().any(|e| e.id == id) {
+            return Err(PkiError::DeviceExists(id.to_string()));
+        }
+        let issued = self.ca.issue_device(id, options)?;
+        let entry = self.store_device(id, device_type, &issued)?;
+        self.save_index()?;
+        Ok(entry)
+    }
+
+    fn store_device(
+        &mut self,
+        id: &str,
+        device_type: &str,
+        issued: &IssuedCert,
+    ) -> Result<ManifestEntry> {
+        fs::create_dir_all(self.dir.join(Self::DEVICES)).map_err(io_err(&self.dir))?;
+        write_atomic(&self.device_key_path(id), issued.key_pem.as_bytes(), true)?;
+        write_atomic(&self.device_cert_path(id), issued.cert_pem.as_bytes(), false)?;
+        let cert = format!("{}/{id}.pem", Self::DEVICES);
+        let entry = IndexEntry {
+            id: id.to_string(),
+            device_type: device_type.to_string(),
+            serial: hex::encode(&issued.serial),
+            sha256: issued.fingerprint_hex(),
+            cert: cert.clone(),
+            issued_at: now(),
+            not_after: issued.not_after,
+            revoked_at: None,
+        };
+        self.index.devices.push(entry);
+        Ok(ManifestEntry {
+            id: id.to_string(),
+            device_type: device_type.to_string(),
+            cert,
+            sha256: issued.fingerprint_hex(),
+        })
+    }
+
+    /// Issues `count` device certificates `PREFIX-00001`... in parallel and writes the
+    /// manifest `fleet-PREFIX.json` next to the CA. Returns the manifest and its path.
+    pub fn issue_fleet(
+        &mut self,
+        device_type: &str,
+        count: usize,
+        prefix: &str,
+    ) -> Result<(Manifest, PathBuf)> {
+        validate_device_type(device_type)?;
+        if count == 0 {
+            return Err(PkiError::EmptyFleet);
+        }
+        let width = count.to_string().len().max(5);
+        let ids: Vec<String> = (1..=count)
+            .map(|n| format!("{prefix}-{n:0width$}"))
+            .collect();
+        for id in &ids {
+            validate_device_id(id)?;
+            if self.index.devices.iter().any(|e| &e.id == id) {
+                return Err(PkiError::DeviceExists(id.clone()));
+            }
+        }
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let chunk = ids.len().div_ceil(threads);
+        let options = DeviceCertOptions::default();
+        let issued: Vec<IssuedCert> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ids
+                .chunks(chunk)
+                .map(|ids| {
+                    let ca = &self.ca;
+                    let options = &options;
+                    scope.spawn(move || {
+                        ids.iter()
+                            .map(|id| ca.issue_device(id, options))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(ids.len());
+            for handle in handles {
+                match handle.join() {
+                    Ok(part) => all.extend(part?),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            Ok::<_, PkiError>(all)
+        })?;
+        let mut manifest = Manifest::default();
+        for (id, cert) in ids.iter().zip(&issued) {
+            manifest
+                .devices
+                .push(self.store_device(id, device_type, cert)?);
+        }
+        self.save_index()?;
+        let path = self.dir.join(format!("fleet-{prefix}.json"));
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| PkiError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes(), false)?;
+        Ok((manifest, path))
+    }
+
+    /// Revokes every unrevoked certificate of device `id` and rewrites `crl.pem`.
+    pub fn revoke(&mut self, id: &str) -> Result<Vec<IndexEntry>> {
+        validate_device_id(id)?;
+        if !self.index.devices.iter().any(|e| e.id == id) {
+            return Err(PkiError::UnknownDevice(id.to_string()));
+        }
+        let at = now();
+        let mut revoked = Vec::new();
+        for entry in self.index.devices.iter_mut().filter(|e| e.id == id) {
+            if entry.revoked_at.is_none() {
+                entry.revoked_at = Some(at);
+                revoked.push(entry.clone());
+            }
+        }
+        if revoked.is_empty() {
+            return Err(PkiError::AlreadyRevoked(id.to_string()));
+        }
+        self.write_crl(Duration::days(DEFAULT_CRL_VALIDITY_DAYS.into()))?;
+        self.save_index()?;
+        Ok(revoked)
+    }
+
+    /// Signs a fresh `crl.pem` with every revoked certificate, valid for `validity`.
+    pub fn write_crl(&mut self, validity: Duration) -> Result<PathBuf> {
+        let revoked: Vec<Revocation> = self
+            .index
+            .devices
+            .iter()
+            .filter_map(|e| {
+                Some(Revocation {
+                    serial: hex::decode(&e.serial).ok()?,
+                    revoked_at: e.revoked_at?,
+                })
+            })
+            .collect();
+        self.index.crl_number += 1;
+        let this_update = now();
+        let pem = self.ca.crl_pem(
+            &revoked,
+            self.index.crl_number,
+            this_update,
+            this_update + validity,
+        )?;
+        let path = self.crl_path();
+        write_atomic(&path, pem.as_bytes(), false)?;
+        self.save_index()?;
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_are_checked() {
+        for ok in ["a", "dev-1", "Sensor_01.eu", &"x".repeat(64)] {
+            assert!(validate_device_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a b", "a/b", "a:b", "é", &"x".repeat(65)] {
+            assert!(validate_device_id(bad).is_err(), "{bad}");
+        }
+        assert!(validate_device_type("env-sensor").is_ok());
+        for bad in ["", "Env", "1env", "a.b", &"x".repeat(33)] {
+            assert!(validate_device_type(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_certificate_carries_id_and_client_auth() {
+        let ca = CertificateAuthority::generate("test", Duration::days(1)).unwrap();
+        let issued = ca
+            .issue_device("dev-1", &DeviceCertOptions::default())
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.cert_der).unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "dev-1");
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(san.value.general_names.iter().any(|n| matches!(
+            n,
+            x509_parser::extensions::GeneralName::URI("urn:gatehouse:device:dev-1")
+        )));
+        let eku = cert.extended_key_usage().unwrap().unwrap();
+        assert!(eku.value.client_auth);
+        assert_eq!(cert.raw_serial(), issued.serial.as_slice());
+    }
+
+    #[test]
+    fn serials_differ_between_certificates() {
+        let ca = CertificateAuthority::generate("test", Duration::days(1)).unwrap();
+        let a = ca.issue_device("a", &DeviceCertOptions::default()).unwrap();
+        let b = ca.issue_device("a", &DeviceCertOptions::default()).unwrap();
+        assert_ne!(a.serial, b.serial);
+    }
+
+    #[test]
+    fn directory_lifecycle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        PkiDir::init(dir, false).unwrap();
+        assert!(matches!(
+            PkiDir::init(dir, false),
+            Err(PkiError::CaExists(_))
+        ));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.join("ca.key")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let mut pki = PkiDir::open(dir).unwrap();
+        pki.issue_device("d1", "sensor", false, &DeviceCertOptions::default())
+            .unwrap();
+        assert!(matches!(
+            pki.issue_device("d1", "sensor", false, &DeviceCertOptions::default()),
+            Err(PkiError::DeviceExists(_))
+        ));
+        // Bad input changes nothing.
+        let before = fs::read(dir.join("index.json")).unwrap();
+        assert!(pki.issue_device("bad id", "sensor", false, &DeviceCertOptions::default()).is_err());
+        assert!(pki.revoke("nobody").is_err());
+        assert_eq!(before, fs::read(dir.join("index.json")).unwrap());
+
+        let (manifest, path) = pki.issue_fleet("sensor", 3, "fl").unwrap();
+        assert_eq!(manifest.devices.len(), 3);
+        assert_eq!(Manifest::load(&path).unwrap(), manifest);
+        let revoked = pki.revoke("fl-00002").unwrap();
+        assert_eq!(revoked.len(), 1);
+        let crl = fs::read(dir.join("crl.pem")).unwrap();
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&crl).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_crl(&der).unwrap();
+        let serials: Vec<String> = parsed
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        assert_eq!(serials, vec![revoked[0].serial.clone()]);
+        assert!(parsed.next_update().is_some());
+
+        let reopened = PkiDir::open(dir).unwrap();
+        assert_eq!(reopened.entries().len(), 4);
+        assert!(matches!(
+            PkiDir::open(&dir.join("missing")),
+            Err(PkiError::MissingCa(_))
+        ));
+    }
+}

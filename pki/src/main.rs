@@ -1,0 +1,182 @@
+//! `gatehouse-pki`: issues the CA, server and device certificates of a Gatehouse deployment
+//! and revokes them. A thin shell over the `gatehouse_pki` library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gatehouse_pki::{DeviceCertOptions, PkiDir, DEFAULT_CRL_VALIDITY_DAYS};
+
+#[derive(Parser)]
+#[command(name = "gatehouse-pki", version, about = "Issue and revoke Gatehouse certificates")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a CA (ECDSA P-256): DIR/ca.pem, DIR/ca.key (mode 0600) and an empty DIR/crl.pem.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue the gateway's server certificate: DIR/server.pem and DIR/server.key.
+    Server {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "dns", num_args = 1..)]
+        dns: Vec<String>,
+        #[arg(long = "ip", num_args = 1..)]
+        ip: Vec<IpAddr>,
+    },
+    /// Issue one device certificate: DIR/devices/ID.pem and DIR/devices/ID.key.
+    Device {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long = "type")]
+        device_type: String,
+        /// Issue another certificate for a device that already has one.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Issue N device certificates PREFIX-00001... and a manifest DIR/fleet-PREFIX.json.
+    Fleet {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "type")]
+        device_type: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        prefix: String,
+    },
+    /// Revoke every certificate of a device and rewrite DIR/crl.pem.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    /// Re-sign DIR/crl.pem with a fresh next-update time (run it before the old one expires).
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = DEFAULT_CRL_VALIDITY_DAYS)]
+        days: u32,
+    },
+    /// List the device certificates this CA issued.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatehouse-pki: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, force } => {
+            let pki = PkiDir::init(&dir, force)?;
+            println!("CA written to {}", pki.ca_cert_path().display());
+        }
+        Command::Server { dir, dns, ip } => {
+            let pki = PkiDir::open(&dir)?;
+            let issued = pki.issue_server(&dns, &ip)?;
+            println!(
+                "server certificate written to {} (sha256 {})",
+                dir.join(PkiDir::SERVER_CERT).display(),
+                issued.fingerprint_hex()
+            );
+        }
+        Command::Device {
+            dir,
+            id,
+            device_type,
+            rotate,
+        } => {
+            let mut pki = PkiDir::open(&dir)?;
+            let entry =
+                pki.issue_device(&id, &device_type, rotate, &DeviceCertOptions::default())?;
+            println!(
+                "device {} ({}) written to {} (sha256 {})",
+                entry.id,
+                entry.device_type,
+                pki.device_cert_path(&id).display(),
+                entry.sha256
+            );
+        }
+        Command::Fleet {
+            dir,
+            device_type,
+            count,
+            prefix,
+        } => {
+            let mut pki = PkiDir::open(&dir)?;
+            let started = std::time::Instant::now();
+            let (manifest, path) = pki.issue_fleet(&device_type, count, &prefix)?;
+            println!(
+                "{} {} certificates issued in {:.2?}; manifest {}",
+                manifest.devices.len(),
+                device_type,
+                started.elapsed(),
+                path.display()
+            );
+        }
+        Command::Revoke { dir, id } => {
+            let mut pki = PkiDir::open(&dir)?;
+            let revoked = pki.revoke(&id)?;
+            for entry in revoked {
+                println!("revoked {} serial {}", entry.id, entry.serial);
+            }
+            println!("CRL rewritten: {}", pki.crl_path().display());
+        }
+        Command::Crl { dir, days } => {
+            let mut pki = PkiDir::open(&dir)?;
+            let path = pki.write_crl(time::Duration::days(days.into()))?;
+            println!("CRL re-signed: {}", path.display());
+        }
+        Command::List { dir, json } => {
+            let pki = PkiDir::open(&dir)?;
+            if json {
+                for entry in pki.entries() {
+                    println!("{}", serde_json::to_string(entry)?);
+                }
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<34} {:<10} NOT AFTER",
+                    "ID", "TYPE", "SERIAL", "STATUS"
+                );
+                for e in pki.entries() {
+                    let status = if e.revoked_at.is_some() { "revoked" } else { "valid" };
+                    println!(
+                        "{:<24} {:<16} {:<34} {:<10} {}",
+                        e.id,
+                        e.device_type,
+                        e.serial,
+                        status,
+                        e.not_after.date()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
