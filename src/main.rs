@@ -1,1 +1,363 @@
-fn main(){}
+//! The `gatehouse` binary: parses the command line, installs tracing, and calls the library.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use gatehouse::admin::AdminClient;
+use gatehouse::config::Config;
+use gatehouse::identity::Fingerprint;
+use gatehouse::registry::{Device, DeviceStatus, Enrollment, Registry, RegistryError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "mTLS WebSocket gateway for device fleets"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "GATEHOUSE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and the files it names, without binding any port.
+    Check {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Manage the device registry (through the admin API while the gateway runs).
+    Devices {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Enroll one certificate (--id, --type, --cert) or a whole manifest (--manifest).
+    Enroll {
+        #[arg(long, conflicts_with = "manifest", requires_all = ["device_type", "cert"])]
+        id: Option<String>,
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Label KEY=VALUE, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, required_unless_present = "id")]
+        manifest: Option<PathBuf>,
+    },
+    /// List devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show { id: String },
+    /// Suspend a device: its next handshake is refused.
+    Suspend { id: String },
+    /// Resume a suspended device.
+    Resume { id: String },
+    /// Revoke a device (final).
+    Revoke { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatehouse: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_stop_signal().await;
+                    tracing::info!("stop signal received");
+                    signals.cancel();
+                });
+                gatehouse::run(config, shutdown).await
+            })
+        }
+        Command::Check { config: path } => {
+            let config = Config::load(&path)?;
+            let tls = gatehouse::tls::TlsState::load(&config.tls)?;
+            gatehouse::tls::backend_client_config(&config.backend)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let stale = tls.current().crls.stale(now).count();
+            println!("config {} is valid", path.display());
+            println!("  listen            {}", config.listen);
+            println!("  client CA         {}", config.tls.client_ca.display());
+            println!(
+                "  CRLs              {} file(s), {} revoked serial(s), {} stale",
+                config.tls.crls.len(),
+                tls.current().crls.len(),
+                stale
+            );
+            println!("  registry          {}", config.registry_path.display());
+            for route in config.routes.iter() {
+                println!(
+                    "  route {:<12} {} for [{}] -> {}",
+                    route.subprotocol,
+                    route.kind.as_str(),
+                    route.device_types.join(", "),
+                    route
+                        .backends
+                        .iter()
+                        .map(|b| b.url.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if stale > 0 {
+                println!("warning: {stale} CRL(s) are past their next update (tls.stale_crl decides what happens)");
+            }
+            Ok(())
+        }
+        Command::Devices { config, command } => devices(&Config::load(&config)?, command),
+    }
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The registry, through the admin API when a gateway runs, or opened directly.
+enum Access {
+    Admin(AdminClient),
+    Direct(Registry),
+}
+
+fn access(config: &Config) -> anyhow::Result<Access> {
+    if let Some(admin) = &config.admin {
+        if AdminClient::is_up(admin.listen) {
+            return Ok(Access::Admin(AdminClient::new(
+                admin.listen,
+                admin.token.clone(),
+            )));
+        }
+    }
+    match Registry::open(&config.registry_path) {
+        Ok(r) => Ok(Access::Direct(r)),
+        Err(RegistryError::Locked(path)) => bail!(
+            "registry {} is held by a running gateway, and {}",
+            path.display(),
+            match &config.admin {
+                Some(a) => format!("its admin API at {} does not answer", a.listen),
+                None => "no [admin] section is configured: add one to manage devices while the gateway runs".into(),
+            }
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn cert_fingerprint(path: &Path) -> anyhow::Result<Fingerprint> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .with_context(|| format!("{}: not a PEM certificate", path.display()))?;
+    gatehouse::identity::PeerCertificate::parse(&der)
+        .with_context(|| format!("{}: not an X.509 certificate", path.display()))?;
+    Ok(Fingerprint::of(&der))
+}
+
+fn manifest_enrollments(path: &Path) -> anyhow::Result<Vec<Enrollment>> {
+    let manifest = gatehouse_pki::Manifest::load(path)?;
+    if manifest.devices.is_empty() {
+        bail!("manifest {} lists no devices", path.display());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::with_capacity(manifest.devices.len());
+    for entry in manifest.devices {
+        let cert = base.join(&entry.cert);
+        if cert.exists() {
+            let actual = cert_fingerprint(&cert)?.to_string();
+            if !actual.eq_ignore_ascii_case(&entry.sha256) {
+                bail!(
+                    "manifest entry {}: certificate {} has sha256 {actual}, the manifest says {}; nothing enrolled",
+                    entry.id,
+                    cert.display(),
+                    entry.sha256
+                );
+            }
+        }
+        out.push(Enrollment {
+            id: entry.id,
+            device_type: entry.device_type,
+            sha256: entry.sha256.to_ascii_lowercase(),
+            labels: BTreeMap::new(),
+        });
+    }
+    Ok(out)
+}
+
+fn print_device(d: &Device) {
+    println!("id           {}", d.id);
+    println!("type         {}", d.device_type);
+    println!("status       {}", d.status.as_str());
+    println!("created      {}", d.created_at);
+    println!("updated      {}", d.updated_at);
+    for fp in &d.fingerprints {
+        println!("cert sha256  {fp}");
+    }
+    for (k, v) in &d.labels {
+        println!("label        {k}={v}");
+    }
+}
+
+fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
+    let access = access(config)?;
+    let set_status = |id: &str, status: DeviceStatus| -> anyhow::Result<Device> {
+        gatehouse_pki::validate_device_id(id)?;
+        Ok(match &access {
+            Access::Admin(c) => c.set_status(id, status)?,
+            Access::Direct(r) => r.set_status(id, status)?,
+        })
+    };
+    match command {
+        DevicesCommand::Enroll {
+            id,
+            device_type,
+            cert,
+            labels,
+            manifest,
+        } => {
+            let enrollments = match (id, device_type, cert, manifest) {
+                (Some(id), Some(device_type), Some(cert), None) => vec![Enrollment {
+                    id,
+                    device_type,
+                    sha256: cert_fingerprint(&cert)?.to_string(),
+                    labels: labels.into_iter().collect(),
+                }],
+                (None, _, _, Some(manifest)) => manifest_enrollments(&manifest)?,
+                _ => bail!("give either --id, --type and --cert, or --manifest"),
+            };
+            let enrolled = match &access {
+                Access::Admin(c) => c.enroll(enrollments)?,
+                Access::Direct(r) => r.enroll_many(enrollments)?,
+            };
+            println!("enrolled {} device(s)", enrolled.len());
+        }
+        DevicesCommand::List { json } => {
+            let all: Vec<Device> = match &access {
+                Access::Admin(c) => c.list()?,
+                Access::Direct(r) => r.list().iter().map(|d| (**d).clone()).collect(),
+            };
+            if json {
+                for d in &all {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<10} {:>5}  UPDATED",
+                    "ID", "TYPE", "STATUS", "CERTS"
+                );
+                for d in &all {
+                    println!(
+                        "{:<24} {:<16} {:<10} {:>5}  {}",
+                        d.id,
+                        d.device_type,
+                        d.status.as_str(),
+                        d.fingerprints.len(),
+                        d.updated_at
+                    );
+                }
+            }
+        }
+        DevicesCommand::Show { id } => {
+            gatehouse_pki::validate_device_id(&id)?;
+            let d = match &access {
+                Access::Admin(c) => c.show(&id)?,
+                Access::Direct(r) => r
+                    .get(&id)
+                    .map(|d| (*d).clone())
+                    .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))?,
+            };
+            print_device(&d);
+        }
+        DevicesCommand::Suspend { id } => {
+            let d = set_status(&id, DeviceStatus::Suspended)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+        DevicesCommand::Resume { id } => {
+            let d = set_status(&id, DeviceStatus::Active)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+        DevicesCommand::Revoke { id } => {
+            let d = set_status(&id, DeviceStatus::Revoked)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+    }
+    Ok(())
+}

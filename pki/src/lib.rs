@@ -24,9 +24,9 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     RevocationReason, RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
 /// Validity of a new CA certificate: 10 years, long enough to outlive the devices it signs.
@@ -624,7 +624,11 @@ impl PkiDir {
     ) -> Result<ManifestEntry> {
         fs::create_dir_all(self.dir.join(Self::DEVICES)).map_err(io_err(&self.dir))?;
         write_atomic(&self.device_key_path(id), issued.key_pem.as_bytes(), true)?;
-        write_atomic(&self.device_cert_path(id), issued.cert_pem.as_bytes(), false)?;
+        write_atomic(
+            &self.device_cert_path(id),
+            issued.cert_pem.as_bytes(),
+            false,
+        )?;
         let cert = format!("{}/{id}.pem", Self::DEVICES);
         let entry = IndexEntry {
             id: id.to_string(),
@@ -817,7 +821,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.join("ca.key")).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let mut pki = PkiDir::open(dir).unwrap();
@@ -829,7 +836,9 @@ mod tests {
         ));
         // Bad input changes nothing.
         let before = fs::read(dir.join("index.json")).unwrap();
-        assert!(pki.issue_device("bad id", "sensor", false, &DeviceCertOptions::default()).is_err());
+        assert!(pki
+            .issue_device("bad id", "sensor", false, &DeviceCertOptions::default())
+            .is_err());
         assert!(pki.revoke("nobody").is_err());
         assert_eq!(before, fs::read(dir.join("index.json")).unwrap());
 

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use gatehouse_pki::{DeviceCertOptions, PkiDir, DEFAULT_CRL_VALIDITY_DAYS};
 
 #[derive(Parser)]
-#[command(name = "gatehouse-pki", version, about = "Issue and revoke Gatehouse certificates")]
+#[command(
+    name = "gatehouse-pki",
+    version,
+    about = "Issue and revoke Gatehouse certificates"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -165,7 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "ID", "TYPE", "SERIAL", "STATUS"
                 );
                 for e in pki.entries() {
-                    let status = if e.revoked_at.is_some() { "revoked" } else { "valid" };
+                    let status = if e.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "valid"
+                    };
                     println!(
                         "{:<24} {:<16} {:<34} {:<10} {}",
                         e.id,

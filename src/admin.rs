@@ -1,0 +1,346 @@
+//! The loopback admin API (axum, bearer token) and its client. While the gateway runs it holds
+//! the sled registry, so `gatehouse devices ...` in another process goes through here; a
+//! change takes effect for the next handshake. Owns the HTTP mapping of registry errors; the
+//! registry rules themselves live in `registry`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdminToken;
+use crate::registry::{Device, DeviceStatus, Enrollment, Registry, RegistryError};
+use crate::tls::TlsState;
+
+/// Time the CLI waits for the admin API before it gives up: 10 s.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub tls: Arc<TlsState>,
+    pub token: AdminToken,
+}
+
+/// Body of `POST /v1/devices`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub devices: Vec<Enrollment>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub devices: usize,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match &e {
+            RegistryError::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RegistryError::TypeMismatch { .. }
+            | RegistryError::FingerprintInUse { .. }
+            | RegistryError::RevokedIsFinal(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "admin API: registry failure");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if state.token.matches(t) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (admin.token_file)".into(),
+        )),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("task failed: {e}"),
+        )),
+    }
+}
+
+async fn health(State(s): State<AdminState>, headers: HeaderMap) -> Result<Json<Health>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(Health {
+        status: "ok".into(),
+        devices: s.registry.len(),
+    }))
+}
+
+async fn list(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Device>>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(
+        s.registry.list().iter().map(|d| (**d).clone()).collect(),
+    ))
+}
+
+async fn show(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    authorize(&s, &headers)?;
+    s.registry
+        .get(&id)
+        .map(|d| Json((*d).clone()))
+        .ok_or_else(|| ApiError::from(RegistryError::UnknownDevice(id)))
+}
+
+async fn enroll(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Json(body): Json<EnrollRequest>,
+) -> Result<Json<Vec<Device>>, ApiError> {
+    authorize(&s, &headers)?;
+    let registry = s.registry.clone();
+    let devices = blocking(move || registry.enroll_many(body.devices)).await?;
+    tracing::info!(count = devices.len(), "admin: devices enrolled");
+    Ok(Json(devices))
+}
+
+async fn set_status(
+    s: AdminState,
+    headers: HeaderMap,
+    id: String,
+    status: DeviceStatus,
+) -> Result<Json<Device>, ApiError> {
+    authorize(&s, &headers)?;
+    let registry = s.registry.clone();
+    let device = blocking(move || registry.set_status(&id, status)).await?;
+    tracing::info!(device.id = %device.id, status = status.as_str(), "admin: device status changed");
+    Ok(Json(device))
+}
+
+async fn suspend(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    set_status(s, headers, id, DeviceStatus::Suspended).await
+}
+
+async fn resume(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    set_status(s, headers, id, DeviceStatus::Active).await
+}
+
+async fn revoke(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    set_status(s, headers, id, DeviceStatus::Revoked).await
+}
+
+async fn reload_tls(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Health>, ApiError> {
+    authorize(&s, &headers)?;
+    crate::server::Server::reload(s.tls.clone())
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload failed, previous TLS material kept: {e}"),
+            )
+        })?;
+    tracing::info!("admin: TLS material reloaded");
+    Ok(Json(Health {
+        status: "reloaded".into(),
+        devices: s.registry.len(),
+    }))
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/devices", get(list).post(enroll))
+        .route("/v1/devices/{id}", get(show))
+        .route("/v1/devices/{id}/suspend", post(suspend))
+        .route("/v1/devices/{id}/resume", post(resume))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/tls/reload", post(reload_tls))
+        .with_state(state)
+}
+
+/// Serves the admin API until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(listen = ?listener.local_addr().ok(), "admin API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("admin API at {0} is not reachable")]
+    Unreachable(String),
+    #[error("admin API: {0}")]
+    Http(String),
+    #[error("admin API refused: {status}: {message}")]
+    Refused { status: u16, message: String },
+}
+
+/// Blocking client for the CLI.
+pub struct AdminClient {
+    base: String,
+    token: AdminToken,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    pub fn new(addr: std::net::SocketAddr, token: AdminToken) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(CLIENT_TIMEOUT))
+            .build()
+            .into();
+        Self {
+            base: format!("http://{addr}"),
+            token,
+            agent,
+        }
+    }
+
+    /// Whether something answers on the admin address (a running gateway).
+    pub fn is_up(addr: std::net::SocketAddr) -> bool {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+    }
+
+    fn finish<T: serde::de::DeserializeOwned>(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut resp = result.map_err(|e| match e {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed => {
+                ClientError::Unreachable(self.base.clone())
+            }
+            other => ClientError::Http(other.to_string()),
+        })?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            resp.body_mut()
+                .read_json::<T>()
+                .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
+        } else {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            Err(ClientError::Refused { status, message })
+        }
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token.expose())
+    }
+
+    pub fn health(&self) -> Result<Health, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/health", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn list(&self) -> Result<Vec<Device>, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/devices", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn show(&self, id: &str) -> Result<Device, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/devices/{id}", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn enroll(&self, devices: Vec<Enrollment>) -> Result<Vec<Device>, ClientError> {
+        let r = self
+            .agent
+            .post(format!("{}/v1/devices", self.base))
+            .header("Authorization", self.auth())
+            .send_json(&EnrollRequest { devices });
+        self.finish(r)
+    }
+
+    pub fn set_status(&self, id: &str, status: DeviceStatus) -> Result<Device, ClientError> {
+        let verb = match status {
+            DeviceStatus::Active => "resume",
+            DeviceStatus::Suspended => "suspend",
+            DeviceStatus::Revoked => "revoke",
+        };
+        let r = self
+            .agent
+            .post(format!("{}/v1/devices/{id}/{verb}", self.base))
+            .header("Authorization", self.auth())
+            .send_empty();
+        self.finish(r)
+    }
+
+    pub fn reload_tls(&self) -> Result<Health, ClientError> {
+        let r = self
+            .agent
+            .post(format!("{}/v1/tls/reload", self.base))
+            .header("Authorization", self.auth())
+            .send_empty();
+        self.finish(r)
+    }
+}

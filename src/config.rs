@@ -1,0 +1,603 @@
+//! Configuration: the TOML file layer ([`FileConfig`], unknown keys rejected) and the validated
+//! layer ([`Config`], real types, every limit explicit). Owns every default, as a named
+//! constant with its unit and reason. Does not read certificates or open ports: turning the
+//! validated paths into TLS material is `tls`'s job.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routing::{Route, RouteTable};
+
+/// Address devices connect to when the file does not say: the conventional HTTPS-alt port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+/// Most device sessions at once: 20,000. Each one holds two sockets (device and backend), so
+/// this stays under a 20,000-per-process file limit only with a backend pool on another host;
+/// set it to what the host's `ulimit -n` allows, halved.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 9_000;
+/// Time a device has to finish TLS and send its upgrade request: 10 s covers a slow cellular
+/// link; a client that stalls longer is dropped so it cannot hold a connection slot.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP upgrade request (request line and headers): 8 KiB, as nginx's default
+/// `large_client_header_buffers` entry.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
+/// How long a session may take to finish its close handshake after a close was sent: 5 s.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time given to sessions to close on SIGTERM/SIGINT before they are dropped: 10 s.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often CRL files are checked for changes: 30 s. SIGHUP and the admin API reload at once.
+pub const DEFAULT_CRL_REFRESH: Duration = Duration::from_secs(30);
+/// Time to connect (TCP, TLS and WebSocket upgrade) to one backend before trying the next: 5 s.
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest WebSocket message either side may send: 64 KiB. Telemetry and commands are small;
+/// tungstenite's own default (64 MiB) would let one device pin 64 MiB of gateway memory.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest single WebSocket frame: as large as a message, so fragmentation is optional.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Initial read buffer per WebSocket: 4 KiB (tungstenite allocates 128 KiB per connection by
+/// default and zero-fills it on each read). It grows up to a frame when a large frame arrives.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes buffered before a write goes to the socket: 16 KiB. The relay also flushes as soon as
+/// its source has nothing more ready, so this only batches bursts.
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// TLS session tickets sent after a TLS 1.3 handshake: one is enough for one reconnection.
+pub const DEFAULT_TLS13_TICKETS: usize = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for Gatehouse: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: FileServer,
+    pub tls: FileTls,
+    pub registry: FileRegistry,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub websocket: FileWebSocket,
+    #[serde(default)]
+    pub backend: FileBackend,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    pub listen: Option<String>,
+    pub max_connections: Option<usize>,
+    pub handshake_timeout_ms: Option<u64>,
+    pub max_request_header_bytes: Option<usize>,
+    pub close_timeout_ms: Option<u64>,
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    pub min_version: Option<String>,
+    pub stale_crl: Option<String>,
+    pub crl_refresh_ms: Option<u64>,
+    pub session_resumption: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRegistry {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: String,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWebSocket {
+    pub max_message_bytes: Option<usize>,
+    pub max_frame_bytes: Option<usize>,
+    pub read_buffer_bytes: Option<usize>,
+    pub write_buffer_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    pub connect_timeout_ms: Option<u64>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub subprotocol: String,
+    pub kind: String,
+    pub device_types: Vec<String>,
+    pub backends: Vec<String>,
+}
+
+/// TLS protocol versions the gateway accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinTlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// What to do when a CRL is past its next-update time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleCrlPolicy {
+    /// Refuse every client certificate the stale CRL covers until a fresh CRL is loaded.
+    Refuse,
+    /// Keep accepting with the stale CRL and log a warning at every check.
+    Warn,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+    pub min_version: MinTlsVersion,
+    pub stale_crl: StaleCrlPolicy,
+    pub crl_refresh: Duration,
+    pub session_resumption: bool,
+}
+
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: AdminToken,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+/// The admin API's bearer token. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Shortest token accepted: 16 characters.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(token: &str) -> Result<Self, ConfigError> {
+        let token = token.trim();
+        if token.len() < Self::MIN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(format!(
+                "admin token must be at least {} printable characters without spaces; generate one with `head -c 32 /dev/urandom | base64 > admin.token`",
+                Self::MIN_LEN
+            )));
+        }
+        Ok(Self(token.to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison with a presented token.
+    pub fn matches(&self, presented: &str) -> bool {
+        let a = self.0.as_bytes();
+        let b = presented.as_bytes();
+        if a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(****)")
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocketLimits {
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for WebSocketLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
+        }
+    }
+}
+
+impl WebSocketLimits {
+    /// The tungstenite configuration with every limit set explicitly.
+    pub fn tungstenite(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            .write_buffer_size(self.write_buffer_bytes)
+            // A queued message plus one write buffer: the relay never queues more than one
+            // message per direction, so this bound is never the one that applies.
+            .max_write_buffer_size(self.write_buffer_bytes + self.max_message_bytes + 64)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_frame_bytes))
+            .accept_unmasked_frames(false)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub connect_timeout: Duration,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub max_connections: NonZeroUsize,
+    pub handshake_timeout: Duration,
+    pub max_request_header_bytes: usize,
+    pub close_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub tls: TlsConfig,
+    pub registry_path: PathBuf,
+    pub admin: Option<AdminConfig>,
+    pub websocket: WebSocketLimits,
+    pub backend: BackendConfig,
+    pub routes: RouteTable,
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths are relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base)
+    }
+
+    /// Validates a parsed file; `base` is the directory relative paths start from.
+    pub fn from_file(file: FileConfig, base: &Path) -> Result<Self, ConfigError> {
+        let rel = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let ms = |v: Option<u64>, default: Duration, key: &str| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(0) => Err(invalid(format!("{key} must be greater than 0"))),
+                Some(ms) => Ok(Duration::from_millis(ms)),
+            }
+        };
+
+        let s = file.server;
+        let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(format!(
+                "server.listen = {listen_text:?} is not an address: write it as \"IP:PORT\", e.g. \"0.0.0.0:8443\""
+            ))
+        })?;
+        let max_connections =
+            NonZeroUsize::new(s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
+                .ok_or_else(|| invalid("server.max_connections must be at least 1"))?;
+        let max_request_header_bytes = s
+            .max_request_header_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+        if !(512..=64 * 1024).contains(&max_request_header_bytes) {
+            return Err(invalid(
+                "server.max_request_header_bytes must be between 512 and 65536",
+            ));
+        }
+
+        let t = file.tls;
+        let min_version = match t.min_version.as_deref() {
+            None | Some("1.3") => MinTlsVersion::Tls13,
+            Some("1.2") => MinTlsVersion::Tls12,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "tls.min_version = {other:?}: use \"1.3\" (default) or \"1.2\""
+                )))
+            }
+        };
+        let stale_crl = match t.stale_crl.as_deref() {
+            None | Some("refuse") => StaleCrlPolicy::Refuse,
+            Some("warn") => StaleCrlPolicy::Warn,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "tls.stale_crl = {other:?}: use \"refuse\" (default: refuse devices while the CRL is past its next update) or \"warn\" (accept and log a warning)"
+                )))
+            }
+        };
+        let tls = TlsConfig {
+            cert: rel(&t.cert),
+            key: rel(&t.key),
+            client_ca: rel(&t.client_ca),
+            crls: t.crl.iter().map(|p| rel(p)).collect(),
+            min_version,
+            stale_crl,
+            crl_refresh: ms(t.crl_refresh_ms, DEFAULT_CRL_REFRESH, "tls.crl_refresh_ms")?,
+            session_resumption: t.session_resumption.unwrap_or(true),
+        };
+
+        let admin = match file.admin {
+            None => None,
+            Some(a) => {
+                let listen: SocketAddr = a.listen.parse().map_err(|_| {
+                    invalid(format!(
+                        "admin.listen = {:?} is not an address: write it as \"127.0.0.1:PORT\"",
+                        a.listen
+                    ))
+                })?;
+                if !listen.ip().is_loopback() {
+                    return Err(invalid(format!(
+                        "admin.listen = {listen} is not a loopback address: the admin API only listens on 127.0.0.1 or ::1"
+                    )));
+                }
+                let token_path = rel(&a.token_file);
+                let token_text = std::fs::read_to_string(&token_path).map_err(|e| {
+                    invalid(format!(
+                        "admin.token_file {}: {e}; create it with `head -c 32 /dev/urandom | base64 > {}`",
+                        token_path.display(),
+                        token_path.display()
+                    ))
+                })?;
+                Some(AdminConfig {
+                    listen,
+                    token: AdminToken::new(&token_text)?,
+                })
+            }
+        };
+
+        let w = file.websocket;
+        let websocket = WebSocketLimits {
+            max_message_bytes: w.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            max_frame_bytes: w.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES),
+            read_buffer_bytes: w.read_buffer_bytes.unwrap_or(DEFAULT_READ_BUFFER_BYTES),
+            write_buffer_bytes: w.write_buffer_bytes.unwrap_or(DEFAULT_WRITE_BUFFER_BYTES),
+        };
+        if websocket.max_message_bytes < 125 || websocket.max_message_bytes > 16 << 20 {
+            return Err(invalid(
+                "websocket.max_message_bytes must be between 125 and 16777216",
+            ));
+        }
+        if websocket.max_frame_bytes < 125
+            || websocket.max_frame_bytes > websocket.max_message_bytes
+        {
+            return Err(invalid(
+                "websocket.max_frame_bytes must be at least 125 and at most websocket.max_message_bytes",
+            ));
+        }
+        if !(256..=1 << 20).contains(&websocket.read_buffer_bytes) {
+            return Err(invalid(
+                "websocket.read_buffer_bytes must be between 256 and 1048576",
+            ));
+        }
+        if websocket.write_buffer_bytes > 1 << 20 {
+            return Err(invalid(
+                "websocket.write_buffer_bytes must be at most 1048576",
+            ));
+        }
+
+        let b = file.backend;
+        let client_cert =
+            match (b.client_cert, b.client_key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some((rel(&c), rel(&k))),
+                _ => return Err(invalid(
+                    "backend.client_cert and backend.client_key go together: set both or neither",
+                )),
+            };
+        let backend = BackendConfig {
+            connect_timeout: ms(
+                b.connect_timeout_ms,
+                DEFAULT_BACKEND_CONNECT_TIMEOUT,
+                "backend.connect_timeout_ms",
+            )?,
+            ca: b.ca.as_deref().map(rel),
+            client_cert,
+        };
+
+        if file.routes.is_empty() {
+            return Err(invalid(
+                "no [[route]] sections: add at least one, e.g. [[route]] subprotocol = \"telemetry.v1\", kind = \"telemetry\", device_types = [\"env-sensor\"], backends = [\"ws://127.0.0.1:9001/ingest\"]",
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut routes = Vec::new();
+        for r in file.routes {
+            let route = Route::parse(&r.subprotocol, &r.kind, &r.device_types, &r.backends)
+                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?;
+            if !seen.insert(route.subprotocol.clone()) {
+                return Err(invalid(format!(
+                    "subprotocol {:?} is routed twice: each subprotocol names one route",
+                    r.subprotocol
+                )));
+            }
+            if route.uses_tls() && backend.ca.is_none() {
+                return Err(invalid(format!(
+                    "route {:?} has a wss:// backend but backend.ca is not set: name the CA bundle that signs the backends' certificates",
+                    route.subprotocol
+                )));
+            }
+            routes.push(route);
+        }
+
+        Ok(Self {
+            listen,
+            max_connections,
+            handshake_timeout: ms(
+                s.handshake_timeout_ms,
+                DEFAULT_HANDSHAKE_TIMEOUT,
+                "server.handshake_timeout_ms",
+            )?,
+            max_request_header_bytes,
+            close_timeout: ms(
+                s.close_timeout_ms,
+                DEFAULT_CLOSE_TIMEOUT,
+                "server.close_timeout_ms",
+            )?,
+            shutdown_grace: ms(
+                s.shutdown_grace_ms,
+                DEFAULT_SHUTDOWN_GRACE,
+                "server.shutdown_grace_ms",
+            )?,
+            tls,
+            registry_path: rel(&file.registry.path),
+            admin,
+            websocket,
+            backend,
+            routes: RouteTable::new(routes),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "test.toml".into(),
+            message: e.to_string(),
+        })?;
+        Config::from_file(file, Path::new("/etc/gatehouse"))
+    }
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+        crl = ["crl.pem"]
+        [registry]
+        path = "/var/lib/gatehouse/registry"
+        [[route]]
+        subprotocol = "telemetry.v1"
+        kind = "telemetry"
+        device_types = ["env-sensor"]
+        backends = ["ws://127.0.0.1:9001/ingest"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_named_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(c.websocket.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/gatehouse/server.pem"));
+        assert_eq!(c.tls.min_version, MinTlsVersion::Tls13);
+        assert_eq!(c.tls.stale_crl, StaleCrlPolicy::Refuse);
+        assert!(c.admin.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = MINIMAL.replace("[registry]", "[registry]\npaht = \"x\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("paht"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_say_how_to_fix_them() {
+        let cases = [
+            ("[tls]", "[server]\nlisten = \"8443\"\n[tls]", "IP:PORT"),
+            (
+                "[tls]",
+                "[server]\nhandshake_timeout_ms = 0\n[tls]",
+                "greater than 0",
+            ),
+            ("cert = ", "min_version = \"1.1\"\ncert = ", "\"1.2\""),
+            ("cert = ", "stale_crl = \"ignore\"\ncert = ", "\"warn\""),
+            ("ws://127.0.0.1", "http://127.0.0.1", "ws:// or wss://"),
+            ("kind = \"telemetry\"", "kind = \"bulk\"", "telemetry"),
+            ("[\"env-sensor\"]", "[]", "device_types"),
+            (
+                "[tls]",
+                "[websocket]\nmax_message_bytes = 1_000_000_000\n[tls]",
+                "max_message_bytes",
+            ),
+            ("ws://127.0.0.1", "wss://127.0.0.1", "backend.ca"),
+        ];
+        for (from, to, needle) in cases {
+            let text = MINIMAL.replacen(from, to, 1);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_subprotocols_are_rejected() {
+        let text = format!(
+            "{MINIMAL}\n[[route]]\nsubprotocol = \"telemetry.v1\"\nkind = \"telemetry\"\ndevice_types = [\"x\"]\nbackends = [\"ws://127.0.0.1:1/\"]"
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn admin_must_be_loopback_and_token_is_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "0123456789abcdef0123\n").unwrap();
+        let text = format!(
+            "{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:9000\"\ntoken_file = \"{}\"",
+            dir.path().join("t").display()
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("loopback"));
+        let text = text.replace("0.0.0.0:9000", "127.0.0.1:9000");
+        let c = parse(&text).unwrap();
+        let admin = c.admin.unwrap();
+        assert!(admin.token.matches("0123456789abcdef0123"));
+        assert!(!admin.token.matches("0123456789abcdef0124"));
+        assert!(!format!("{admin:?}").contains("0123456789"));
+    }
+}

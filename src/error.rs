@@ -1,0 +1,301 @@
+//! The one place that maps a refusal or a session end to the wire: HTTP status and body before
+//! the WebSocket upgrade, close code and reason after it. Internal detail (I/O errors, backend
+//! addresses) goes to the logs, never to the peer. docs/close-codes.md lists everything here.
+
+use std::borrow::Cow;
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// Why a device was refused before the upgrade. Each maps to one HTTP status and a stable code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request is not a valid WebSocket upgrade (missing Host, bad key, ...).
+    BadRequest(&'static str),
+    /// Not GET.
+    MethodNotAllowed,
+    /// Not a WebSocket upgrade, or a WebSocket version other than 13.
+    UpgradeRequired,
+    /// Request line and headers exceed `server.max_request_header_bytes`.
+    HeadersTooLarge,
+    /// The certificate chain is valid but its fingerprint is enrolled for no device.
+    UnknownDevice,
+    DeviceSuspended,
+    /// Revoked in the registry.
+    DeviceRevoked,
+    /// Revoked by a CRL (caught after the handshake, e.g. on a resumed TLS session).
+    CertificateRevoked,
+    /// The CRL covering this certificate is past its next update and policy is `refuse`.
+    CrlStale,
+    /// Expired or not yet valid (caught after the handshake, e.g. on a resumed TLS session).
+    CertificateExpired,
+    /// The leaf lacks the clientAuth extended key usage.
+    NotClientCertificate,
+    /// No offered subprotocol is routed for this device's type.
+    NoRoute {
+        offered: Vec<String>,
+        allowed: Vec<String>,
+    },
+    /// Every backend of the route failed to connect.
+    BackendUnavailable,
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) | Refusal::NoRoute { .. } => 400,
+            Refusal::UnknownDevice
+            | Refusal::DeviceSuspended
+            | Refusal::DeviceRevoked
+            | Refusal::CertificateRevoked
+            | Refusal::CrlStale
+            | Refusal::CertificateExpired
+            | Refusal::NotClientCertificate => 403,
+            Refusal::MethodNotAllowed => 405,
+            Refusal::UpgradeRequired => 426,
+            Refusal::HeadersTooLarge => 431,
+            Refusal::BackendUnavailable => 502,
+            Refusal::ShuttingDown => 503,
+        }
+    }
+
+    /// Stable machine-readable code, also sent as the `x-gatehouse-refusal` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad-request",
+            Refusal::MethodNotAllowed => "method-not-allowed",
+            Refusal::UpgradeRequired => "upgrade-required",
+            Refusal::HeadersTooLarge => "headers-too-large",
+            Refusal::UnknownDevice => "unknown-device",
+            Refusal::DeviceSuspended => "device-suspended",
+            Refusal::DeviceRevoked => "device-revoked",
+            Refusal::CertificateRevoked => "certificate-revoked",
+            Refusal::CrlStale => "crl-stale",
+            Refusal::CertificateExpired => "certificate-expired",
+            Refusal::NotClientCertificate => "not-a-client-certificate",
+            Refusal::NoRoute { .. } => "no-route",
+            Refusal::BackendUnavailable => "backend-unavailable",
+            Refusal::ShuttingDown => "shutting-down",
+        }
+    }
+
+    /// One short line for the device. Never internal detail.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            Refusal::BadRequest(why) => Cow::Owned(format!("not a valid WebSocket upgrade: {why}")),
+            Refusal::MethodNotAllowed => "WebSocket upgrades use GET".into(),
+            Refusal::UpgradeRequired => "this endpoint only speaks WebSocket version 13".into(),
+            Refusal::HeadersTooLarge => "request headers too large".into(),
+            Refusal::UnknownDevice => "this certificate is not enrolled for any device".into(),
+            Refusal::DeviceSuspended => "device is suspended".into(),
+            Refusal::DeviceRevoked => "device is revoked".into(),
+            Refusal::CertificateRevoked => "certificate is revoked".into(),
+            Refusal::CrlStale => "revocation list is out of date; try again later".into(),
+            Refusal::CertificateExpired => "certificate is expired or not yet valid".into(),
+            Refusal::NotClientCertificate => {
+                "certificate lacks the clientAuth extended key usage".into()
+            }
+            Refusal::NoRoute { offered, allowed } => {
+                let offered = if offered.is_empty() {
+                    "none".to_string()
+                } else {
+                    offered.join(", ")
+                };
+                let allowed = if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                };
+                Cow::Owned(format!(
+                    "no usable subprotocol (offered: {offered}); this device may use: {allowed}"
+                ))
+            }
+            Refusal::BackendUnavailable => "no backend available for this subprotocol".into(),
+            Refusal::ShuttingDown => "gateway is shutting down".into(),
+        }
+    }
+
+    /// The complete HTTP/1.1 response.
+    pub fn http_response(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = format!("{}: {}\n", self.code(), self.message());
+        let mut extra = String::new();
+        if matches!(self, Refusal::UpgradeRequired) {
+            extra.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
+        }
+        if matches!(self, Refusal::ShuttingDown | Refusal::BackendUnavailable) {
+            extra.push_str("Retry-After: 5\r\n");
+        }
+        format!(
+            "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nx-gatehouse-refusal: {}\r\n{extra}\r\n{body}",
+            reason_phrase(status),
+            body.len(),
+            self.code(),
+        )
+        .into_bytes()
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Which side ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    Device,
+    Backend,
+    Gateway,
+}
+
+impl Closer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closer::Device => "device",
+            Closer::Backend => "backend",
+            Closer::Gateway => "gateway",
+        }
+    }
+}
+
+/// How a relayed session ended, before mapping to close frames.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEnd {
+    /// A side sent a close frame; it is passed to the other side unchanged.
+    ClosedBy(Closer, Option<CloseFrame>),
+    /// The device's connection dropped without a close frame.
+    DeviceVanished,
+    /// The backend's connection dropped without a close frame.
+    BackendVanished,
+    /// The device broke the WebSocket protocol (or a limit); the close code says how.
+    DeviceProtocolError(CloseCode),
+    /// The backend broke the WebSocket protocol (or a limit).
+    BackendProtocolError(CloseCode),
+    /// Shutdown.
+    Shutdown,
+}
+
+fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
+    Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })
+}
+
+impl SessionEnd {
+    /// The close frame for the device, if one is to be sent by the gateway. `None` also when
+    /// the device initiated the close (tungstenite echoes it).
+    pub fn to_device(&self) -> Option<Option<CloseFrame>> {
+        match self {
+            SessionEnd::ClosedBy(Closer::Backend, f) => Some(f.clone()),
+            SessionEnd::ClosedBy(_, _) | SessionEnd::DeviceVanished => None,
+            SessionEnd::BackendVanished => Some(frame(CloseCode::Error, "backend connection lost")),
+            SessionEnd::BackendProtocolError(_) => Some(frame(CloseCode::Error, "backend error")),
+            SessionEnd::DeviceProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
+            SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
+        }
+    }
+
+    /// The close frame for the backend, if one is to be sent by the gateway.
+    pub fn to_backend(&self) -> Option<Option<CloseFrame>> {
+        match self {
+            SessionEnd::ClosedBy(Closer::Device, f) => Some(f.clone()),
+            SessionEnd::ClosedBy(_, _) | SessionEnd::BackendVanished => None,
+            SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => {
+                Some(frame(CloseCode::Away, "device disconnected"))
+            }
+            SessionEnd::BackendProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
+            SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
+        }
+    }
+
+    pub fn closer(&self) -> Closer {
+        match self {
+            SessionEnd::ClosedBy(c, _) => *c,
+            SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => Closer::Device,
+            SessionEnd::BackendVanished | SessionEnd::BackendProtocolError(_) => Closer::Backend,
+            SessionEnd::Shutdown => Closer::Gateway,
+        }
+    }
+
+    /// The close code to log: the one that ended the session, 1006 for a vanished peer.
+    pub fn logged_code(&self) -> u16 {
+        match self {
+            SessionEnd::ClosedBy(_, Some(f)) => f.code.into(),
+            SessionEnd::ClosedBy(_, None) => 1005,
+            SessionEnd::DeviceVanished | SessionEnd::BackendVanished => 1006,
+            SessionEnd::DeviceProtocolError(c) | SessionEnd::BackendProtocolError(c) => (*c).into(),
+            SessionEnd::Shutdown => 1001,
+        }
+    }
+}
+
+fn protocol_reason(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::Size => "message too big",
+        CloseCode::Invalid => "invalid UTF-8 in text frame",
+        _ => "WebSocket protocol error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_complete_http() {
+        let r = Refusal::NoRoute {
+            offered: vec!["control.v1".into()],
+            allowed: vec!["telemetry.v1".into()],
+        };
+        let text = String::from_utf8(r.http_response()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(body.contains("telemetry.v1"));
+        assert!(head.contains("x-gatehouse-refusal: no-route"));
+    }
+
+    #[test]
+    fn close_reasons_fit_in_a_control_frame() {
+        let ends = [
+            SessionEnd::BackendVanished,
+            SessionEnd::DeviceVanished,
+            SessionEnd::DeviceProtocolError(CloseCode::Size),
+            SessionEnd::BackendProtocolError(CloseCode::Protocol),
+            SessionEnd::Shutdown,
+        ];
+        for end in ends {
+            for f in [end.to_device(), end.to_backend()]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                assert!(f.reason.len() < 123);
+            }
+        }
+        assert_eq!(
+            SessionEnd::BackendVanished
+                .to_device()
+                .unwrap()
+                .unwrap()
+                .code,
+            CloseCode::Error
+        );
+        assert_eq!(
+            SessionEnd::Shutdown.to_backend().unwrap().unwrap().code,
+            CloseCode::Away
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The frame relay between a device's WebSocket and its backend's, in one task with no locks
+//! and no queues: each direction holds at most one message in flight, and reads from its
+//! source only when the previous message was accepted by the destination, so a slow reader on
+//! one side slows the other side down instead of growing memory. Writes are batched: the
+//! destination is flushed when the source has nothing more ready. Close frames pass through;
+//! how a session ends maps to close frames in `error::SessionEnd`.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Closer, SessionEnd};
+
+/// Frames and payload bytes in one direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectionStats {
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+/// Both directions: `up` is device to backend.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub up: DirectionStats,
+    pub down: DirectionStats,
+}
+
+/// How one direction stopped.
+enum PumpEnd {
+    /// The source sent a close frame.
+    Closed(Option<CloseFrame>),
+    /// The source's connection ended without a close frame.
+    Vanished,
+    /// The source broke the protocol or a limit.
+    Protocol(CloseCode),
+    /// Writing to the destination failed.
+    WriteFailed,
+}
+
+/// One direction's state: at most one message waiting for the destination.
+#[derive(Default)]
+struct Pump {
+    pending: Option<Message>,
+    needs_flush: bool,
+    stats: DirectionStats,
+}
+
+fn classify(e: &WsError) -> PumpEnd {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match e {
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => PumpEnd::Vanished,
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => PumpEnd::Vanished,
+        WsError::Capacity(_) => PumpEnd::Protocol(CloseCode::Size),
+        WsError::Utf8(_) => PumpEnd::Protocol(CloseCode::Invalid),
+        _ => PumpEnd::Protocol(CloseCode::Protocol),
+    }
+}
+
+fn payload_len(msg: &Message) -> u64 {
+    (match msg {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(_) | Message::Frame(_) => 0,
+    }) as u64
+}
+
+impl Pump {
+    /// Moves messages from `src` to `dst` until one of them is not ready.
+    fn poll<S, D>(&mut self, cx: &mut Context<'_>, src: &mut S, dst: &mut D) -> Poll<PumpEnd>
+    where
+        S: Stream<Item = Result<Message, WsError>> + Unpin,
+        D: Sink<Message, Error = WsError> + Unpin,
+    {
+        loop {
+            if let Some(msg) = self.pending.take() {
+                match Pin::new(&mut *dst).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
+                    Poll::Pending => {
+                        self.pending = Some(msg);
+                        return Poll::Pending;
+                    }
+                }
+                let len = payload_len(&msg);
+                if Pin::new(&mut *dst).start_send(msg).is_err() {
+                    return Poll::Ready(PumpEnd::WriteFailed);
+                }
+                self.stats.frames += 1;
+                self.stats.bytes += len;
+                self.needs_flush = true;
+            }
+            // Tokio's cooperative budget makes the socket read return Pending after a burst,
+            // so this loop yields to other sessions on its own.
+            match Pin::new(&mut *src).poll_next(cx) {
+                Poll::Ready(Some(Ok(Message::Close(frame)))) => {
+                    return Poll::Ready(PumpEnd::Closed(frame))
+                }
+                Poll::Ready(Some(Ok(Message::Frame(_)))) => {}
+                Poll::Ready(Some(Ok(msg))) => self.pending = Some(msg),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(classify(&e)),
+                Poll::Ready(None) => return Poll::Ready(PumpEnd::Vanished),
+                Poll::Pending => {
+                    if self.needs_flush {
+                        match Pin::new(&mut *dst).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Relays until either side ends or `shutdown` fires, then runs the close handshakes (each
+/// bounded by `close_timeout`). Returns how the session ended and what was relayed.
+pub async fn relay<D, B>(
+    device: &mut WebSocketStream<D>,
+    backend: &mut WebSocketStream<B>,
+    shutdown: &CancellationToken,
+    close_timeout: Duration,
+) -> (SessionEnd, RelayStats)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Pump::default();
+    let mut down = Pump::default();
+    let end = {
+        let mut cancelled = pin!(shutdown.cancelled());
+        std::future::poll_fn(|cx| {
+            // Every arm only polls; nothing is lost when another arm completes first: a
+            // message read but not yet written stays in its pump's `pending` slot.
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(SessionEnd::Shutdown);
+            }
+            if let Poll::Ready(end) = up.poll(cx, device, backend) {
+                return Poll::Ready(match end {
+                    PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Device, f),
+                    PumpEnd::Vanished => SessionEnd::DeviceVanished,
+                    PumpEnd::Protocol(code) => SessionEnd::DeviceProtocolError(code),
+                    PumpEnd::WriteFailed => SessionEnd::BackendVanished,
+                });
+            }
+            if let Poll::Ready(end) = down.poll(cx, backend, device) {
+                return Poll::Ready(match end {
+                    PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Backend, f),
+                    PumpEnd::Vanished => SessionEnd::BackendVanished,
+                    PumpEnd::Protocol(code) => SessionEnd::BackendProtocolError(code),
+                    PumpEnd::WriteFailed => SessionEnd::DeviceVanished,
+                });
+            }
+            Poll::Pending
+        })
+        .await
+    };
+    let device_alive = !matches!(end, SessionEnd::DeviceVanished);
+    let backend_alive = !matches!(end, SessionEnd::BackendVanished);
+    tokio::join!(
+        finish(device, end.to_device(), device_alive, close_timeout),
+        finish(backend, end.to_backend(), backend_alive, close_timeout),
+    );
+    (
+        end,
+        RelayStats {
+            up: up.stats,
+            down: down.stats,
+        },
+    )
+}
+
+/// Completes one side's close handshake: sends `send` (or just flushes a queued echo of the
+/// peer's close), then reads until the peer's close or end of stream, within `timeout`.
+async fn finish<S>(
+    ws: &mut WebSocketStream<S>,
+    send: Option<Option<CloseFrame>>,
+    alive: bool,
+    timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !alive {
+        return;
+    }
+    let handshake = async {
+        let sent = match send {
+            Some(frame) => ws.close(frame).await,
+            None => ws.flush().await,
+        };
+        if sent.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    };
+    let _ = tokio::time::timeout(timeout, handshake).await;
+}

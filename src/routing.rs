@@ -1,0 +1,270 @@
+//! Routing policy: which route (subprotocol, kind, allowed device types, backend pool) a
+//! device gets, given the subprotocols it offers and its registered type. Pure: no I/O.
+//! Connecting to a backend of the chosen route is `backend`'s job.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite::http::Uri;
+
+/// What a route carries; later layers pick the schema by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Telemetry,
+    Control,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Telemetry => "telemetry",
+            RouteKind::Control => "control",
+        }
+    }
+}
+
+/// One backend URL of a route's pool, parsed once at config time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendUrl {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("backend {text:?} is not a URL: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(format!("backend {text:?} must start with ws:// or wss://")),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("backend {text:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Self {
+            url: text.to_string(),
+            tls,
+            host,
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for BackendUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// A subprotocol's route.
+#[derive(Debug)]
+pub struct Route {
+    pub subprotocol: String,
+    pub kind: RouteKind,
+    pub device_types: Vec<String>,
+    pub backends: Vec<BackendUrl>,
+    next_backend: AtomicUsize,
+}
+
+/// RFC 6455 section 4.1: a subprotocol is an RFC 2616 token.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl Route {
+    pub fn parse(
+        subprotocol: &str,
+        kind: &str,
+        device_types: &[String],
+        backends: &[String],
+    ) -> Result<Self, String> {
+        if !is_token(subprotocol) {
+            return Err("subprotocol must be a token (letters, digits and !#$%&'*+-.^_`|~)".into());
+        }
+        let kind = match kind {
+            "telemetry" => RouteKind::Telemetry,
+            "control" => RouteKind::Control,
+            other => {
+                return Err(format!(
+                    "kind = {other:?}: use \"telemetry\" or \"control\""
+                ))
+            }
+        };
+        if device_types.is_empty() {
+            return Err(
+                "device_types is empty: list the device types allowed on this route".into(),
+            );
+        }
+        for t in device_types {
+            gatehouse_pki::validate_device_type(t).map_err(|e| e.to_string())?;
+        }
+        if backends.is_empty() {
+            return Err("backends is empty: list at least one ws:// or wss:// URL".into());
+        }
+        let backends = backends
+            .iter()
+            .map(|b| BackendUrl::parse(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            subprotocol: subprotocol.to_string(),
+            kind,
+            device_types: device_types.to_vec(),
+            backends,
+            next_backend: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn allows(&self, device_type: &str) -> bool {
+        self.device_types.iter().any(|t| t == device_type)
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.backends.iter().any(|b| b.tls)
+    }
+
+    /// The pool in the order to try for the next connection: round-robin start, then the rest.
+    pub fn backend_order(&self) -> impl Iterator<Item = &BackendUrl> {
+        let n = self.backends.len();
+        let start = self.next_backend.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(move |i| &self.backends[(start + i) % n])
+    }
+}
+
+/// Why no route was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoRoute {
+    /// The subprotocols this device's type may use, in config order.
+    pub allowed: Vec<String>,
+}
+
+/// All routes, in config order.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self {
+            routes: routes.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+
+    /// The first subprotocol the device offers that its type may use.
+    pub fn select<'a>(
+        &self,
+        offered: impl IntoIterator<Item = &'a str>,
+        device_type: &str,
+    ) -> Result<Arc<Route>, NoRoute> {
+        for proto in offered {
+            if let Some(route) = self
+                .routes
+                .iter()
+                .find(|r| r.subprotocol == proto && r.allows(device_type))
+            {
+                return Ok(route.clone());
+            }
+        }
+        Err(NoRoute {
+            allowed: self
+                .routes
+                .iter()
+                .filter(|r| r.allows(device_type))
+                .map(|r| r.subprotocol.clone())
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        RouteTable::new(vec![
+            Route::parse(
+                "telemetry.v1",
+                "telemetry",
+                &s(&["sensor", "lock"]),
+                &s(&["ws://a:1/", "ws://b:2/"]),
+            )
+            .unwrap(),
+            Route::parse("control.v1", "control", &s(&["lock"]), &s(&["wss://c/"])).unwrap(),
+        ])
+    }
+
+    #[test]
+    fn first_usable_offer_wins() {
+        let t = table();
+        assert_eq!(
+            t.select(["control.v1", "telemetry.v1"], "lock")
+                .unwrap()
+                .subprotocol,
+            "control.v1"
+        );
+        assert_eq!(
+            t.select(["control.v1", "telemetry.v1"], "sensor")
+                .unwrap()
+                .subprotocol,
+            "telemetry.v1"
+        );
+        assert_eq!(
+            t.select(["x", "telemetry.v1"], "sensor").unwrap().kind,
+            RouteKind::Telemetry
+        );
+    }
+
+    #[test]
+    fn refusal_names_what_the_type_may_use() {
+        let t = table();
+        assert_eq!(
+            t.select(["control.v1"], "sensor").unwrap_err().allowed,
+            vec!["telemetry.v1"]
+        );
+        assert_eq!(
+            t.select([], "lock").unwrap_err().allowed,
+            vec!["telemetry.v1", "control.v1"]
+        );
+        assert!(t
+            .select(["telemetry.v1"], "unknown")
+            .unwrap_err()
+            .allowed
+            .is_empty());
+    }
+
+    #[test]
+    fn round_robin_visits_every_backend() {
+        let t = table();
+        let r = t.select(["telemetry.v1"], "sensor").unwrap();
+        let first: Vec<_> = r.backend_order().map(|b| b.port).collect();
+        let second: Vec<_> = r.backend_order().map(|b| b.port).collect();
+        assert_eq!(first, vec![1, 2]);
+        assert_eq!(second, vec![2, 1]);
+    }
+
+    #[test]
+    fn backend_urls() {
+        let b = BackendUrl::parse("wss://[::1]/x").unwrap();
+        assert!(b.tls);
+        assert_eq!((b.host.as_str(), b.port), ("::1", 443));
+        assert!(BackendUrl::parse("http://x/").is_err());
+        assert!(BackendUrl::parse("ws:///x").is_err());
+        assert!(!is_token("a b"));
+        assert!(is_token("telemetry.v1"));
+    }
+}

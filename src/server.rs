@@ -1,0 +1,223 @@
+//! The server: loads TLS material and the registry before any port is bound, then runs the
+//! accept loop, the CRL refresher and the admin API under one `CancellationToken` and one
+//! `TaskTracker`. The accept loop only accepts: permit, spawn; everything slow happens in the
+//! session task (`session`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Connector;
+use crate::config::Config;
+use crate::registry::{Registry, RegistryError};
+use crate::session::{self, Shared};
+use crate::tls::{TlsError, TlsState};
+
+/// Pause after an accept error such as EMFILE, so a full file table does not spin the loop.
+const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("admin API: {0}")]
+    Admin(std::io::Error),
+}
+
+/// A gateway with its TLS material loaded and registry open, not yet listening.
+pub struct Server {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Loads everything that can fail on bad files. Binds nothing.
+    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
+        let tls = Arc::new(TlsState::load(&config.tls)?);
+        if config.tls.crls.is_empty() {
+            tracing::warn!("no tls.crl configured: certificate revocation is checked only through the registry");
+        }
+        let backend_tls = crate::tls::backend_client_config(&config.backend)?;
+        let registry = Arc::new(Registry::open(&config.registry_path)?);
+        let connector = Connector::new(
+            backend_tls,
+            config.backend.connect_timeout,
+            config.websocket.tungstenite(),
+        );
+        let shared = Arc::new(Shared::new(config, tls, registry, connector, shutdown));
+        Ok(Self {
+            shared,
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.shared.registry.clone()
+    }
+
+    pub fn tls(&self) -> Arc<TlsState> {
+        self.shared.tls.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Serves devices on `listener` (and the admin API on `admin`, if given) until the
+    /// shutdown token fires; then closes sessions with 1001, waits up to the grace period
+    /// and flushes the registry.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+    ) -> Result<(), ServerError> {
+        let shared = self.shared.clone();
+        let shutdown = shared.shutdown.clone();
+        let local = listener.local_addr().ok();
+        tracing::info!(
+            listen = ?local,
+            devices = shared.registry.len(),
+            routes = shared.config.routes.iter().count(),
+            "gateway listening"
+        );
+
+        if let Some(admin) = admin {
+            let admin_cfg = shared.config.admin.clone();
+            if let Some(admin_cfg) = admin_cfg {
+                let state = crate::admin::AdminState {
+                    registry: shared.registry.clone(),
+                    tls: shared.tls.clone(),
+                    token: admin_cfg.token,
+                };
+                let token = shutdown.clone();
+                self.tracker.spawn(async move {
+                    if let Err(e) = crate::admin::serve(admin, state, token).await {
+                        tracing::error!(error = %e, "admin API stopped");
+                    }
+                });
+            }
+        }
+
+        self.tracker.spawn(crl_refresher(shared.clone()));
+
+        let permits = Arc::new(Semaphore::new(shared.config.max_connections.get()));
+        loop {
+            // Both waits are cancel-safe: a permit or connection not yet obtained is not lost.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = shared.clone();
+            self.tracker.spawn(async move {
+                session::handle(shared, tcp, peer).await;
+                drop(permit);
+            });
+        }
+
+        drop(listener);
+        let open = self.tracker.len();
+        tracing::info!(
+            tasks = open,
+            "shutting down: listener closed, sessions closing with 1001"
+        );
+        self.tracker.close();
+        let grace = shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                still_running = self.tracker.len(),
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period over; remaining sessions dropped"
+            );
+        }
+        let registry = shared.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "registry flush at shutdown failed"),
+            Err(e) => tracing::error!(error = %e, "registry flush task failed"),
+        }
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+
+    /// Reloads TLS material (certificates, CA bundle, CRLs) now. The old set stays on error.
+    pub async fn reload(tls: Arc<TlsState>) -> Result<(), TlsError> {
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(r) => r,
+            Err(e) => Err(TlsError::Verifier(format!("reload task failed: {e}"))),
+        }
+    }
+}
+
+/// Checks the TLS files for changes every `tls.crl_refresh`, and warns about stale CRLs.
+async fn crl_refresher(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.tls.crl_refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // Cancel-safe: an interval tick is not consumed until it is returned.
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let tls = shared.tls.clone();
+        match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
+            Ok(Ok(true)) => tracing::info!("TLS material changed on disk; reloaded"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "TLS reload failed; the previous certificates and CRLs stay in force")
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+        }
+        shared
+            .tls
+            .warn_if_stale(time::OffsetDateTime::now_utc().unix_timestamp());
+    }
+}
+
+/// Binds the listeners named in `config` and serves until `shutdown`. The binary's path.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let admin_addr: Option<SocketAddr> = config.admin.as_ref().map(|a| a.listen);
+    let server = Server::new(config, shutdown)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let admin = match admin_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on admin address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    server.serve(listener, admin).await?;
+    Ok(())
+}

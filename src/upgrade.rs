@@ -1,0 +1,249 @@
+//! The device's HTTP/1.1 WebSocket upgrade request (RFC 6455 section 4.2.1), pure: parse and
+//! validate it from bytes, and write the 101 response. The gateway reads the request itself
+//! (instead of tungstenite's synchronous callback) so that it can look up the route and
+//! connect to a backend before answering, and refuse with a real HTTP status.
+
+use base64::Engine;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::error::Refusal;
+use crate::routing::is_token;
+
+/// Most headers in an upgrade request; more is refused with 431.
+pub const MAX_HEADERS: usize = 64;
+
+/// Prefix of the headers only the gateway may set.
+pub const IDENTITY_HEADER_PREFIX: &str = "x-gatehouse-";
+
+/// Headers that belong to this hop and are never forwarded to the backend.
+const HOP_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "content-length",
+    "proxy-connection",
+    "proxy-authorization",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+];
+
+/// A validated upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    pub path: String,
+    pub key: String,
+    /// Offered subprotocols, in the device's order of preference.
+    pub protocols: Vec<String>,
+    /// End-to-end headers to pass on to the backend.
+    pub forward_headers: Vec<(String, Vec<u8>)>,
+    /// How many `x-gatehouse-*` headers the device sent (dropped).
+    pub dropped_identity_headers: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// The request and how many bytes of the buffer it used.
+    Complete(UpgradeRequest, usize),
+    /// More bytes are needed.
+    Partial,
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value)
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Parses the request at the start of `buf`. `max_bytes` bounds the request head.
+pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_bytes {
+                Err(Refusal::HeadersTooLarge)
+            } else {
+                Ok(Parsed::Partial)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadersTooLarge),
+        Err(_) => return Err(Refusal::BadRequest("malformed HTTP request")),
+    };
+    if consumed > max_bytes {
+        return Err(Refusal::HeadersTooLarge);
+    }
+    if req.method != Some("GET") {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    if req.version != Some(1) {
+        return Err(Refusal::BadRequest("HTTP/1.1 is required"));
+    }
+    let path = req.path.unwrap_or("/").to_string();
+
+    let mut host = false;
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    let mut version = None;
+    let mut key = None;
+    let mut protocols = Vec::new();
+    let mut forward_headers = Vec::new();
+    let mut dropped_identity_headers = 0;
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        match name.as_str() {
+            "host" => host = true,
+            "upgrade" => upgrade |= has_token(h.value, "websocket"),
+            "connection" => connection_upgrade |= has_token(h.value, "upgrade"),
+            "sec-websocket-version" => version = Some(h.value),
+            "sec-websocket-key" => {
+                if key.is_some() {
+                    return Err(Refusal::BadRequest("repeated Sec-WebSocket-Key"));
+                }
+                key = Some(h.value)
+            }
+            "sec-websocket-protocol" => {
+                let value = std::str::from_utf8(h.value)
+                    .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Protocol is not text"))?;
+                for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    if !is_token(p) {
+                        return Err(Refusal::BadRequest(
+                            "Sec-WebSocket-Protocol is not a list of tokens",
+                        ));
+                    }
+                    protocols.push(p.to_string());
+                }
+            }
+            _ => {}
+        }
+        if name.starts_with(IDENTITY_HEADER_PREFIX) {
+            dropped_identity_headers += 1;
+        } else if !HOP_HEADERS.contains(&name.as_str()) {
+            forward_headers.push((name, h.value.to_vec()));
+        }
+    }
+    if !upgrade || !connection_upgrade {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if version != Some(b"13".as_slice()) {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if !host {
+        return Err(Refusal::BadRequest("missing Host header"));
+    }
+    let key = key.ok_or(Refusal::BadRequest("missing Sec-WebSocket-Key"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Key is not base64"))?;
+    if decoded.len() != 16 {
+        return Err(Refusal::BadRequest(
+            "Sec-WebSocket-Key must encode 16 bytes",
+        ));
+    }
+    let key = String::from_utf8_lossy(key).into_owned();
+    Ok(Parsed::Complete(
+        UpgradeRequest {
+            path,
+            key,
+            protocols,
+            forward_headers,
+            dropped_identity_headers,
+        },
+        consumed,
+    ))
+}
+
+/// The 101 response accepting the upgrade with `protocol`.
+pub fn switching_protocols(key: &str, protocol: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: control.v1, telemetry.v1\r\nX-Gatehouse-Device-Id: evil\r\nUser-Agent: dev/1\r\n\r\n";
+
+    fn complete(text: &str) -> UpgradeRequest {
+        match parse(text.as_bytes(), 8192).unwrap() {
+            Parsed::Complete(r, n) => {
+                assert_eq!(n, text.len());
+                r
+            }
+            Parsed::Partial => panic!("partial"),
+        }
+    }
+
+    #[test]
+    fn parses_a_valid_upgrade() {
+        let r = complete(GOOD);
+        assert_eq!(r.path, "/ws");
+        assert_eq!(r.protocols, vec!["control.v1", "telemetry.v1"]);
+        assert_eq!(r.dropped_identity_headers, 1);
+        assert_eq!(
+            r.forward_headers,
+            vec![("user-agent".to_string(), b"dev/1".to_vec())]
+        );
+        let resp = String::from_utf8(switching_protocols(&r.key, "control.v1")).unwrap();
+        // RFC 6455 section 1.3's example key and accept value.
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn partial_until_the_blank_line() {
+        assert_eq!(parse(&GOOD.as_bytes()[..40], 8192), Ok(Parsed::Partial));
+        assert_eq!(
+            parse(&GOOD.as_bytes()[..40], 40),
+            Err(Refusal::HeadersTooLarge)
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let cases = [
+            (GOOD.replace("GET", "POST"), Refusal::MethodNotAllowed),
+            (
+                GOOD.replace("Upgrade: websocket\r\n", ""),
+                Refusal::UpgradeRequired,
+            ),
+            (
+                GOOD.replace("Version: 13", "Version: 8"),
+                Refusal::UpgradeRequired,
+            ),
+            (
+                GOOD.replace("Host: gw\r\n", ""),
+                Refusal::BadRequest("missing Host header"),
+            ),
+            (
+                GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "abc"),
+                Refusal::BadRequest("Sec-WebSocket-Key is not base64"),
+            ),
+            (
+                GOOD.replace("HTTP/1.1", "HTTP/1.0"),
+                Refusal::BadRequest("HTTP/1.1 is required"),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse(text.as_bytes(), 8192), Err(want), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(&bytes, 1024);
+        }
+    }
+}
