@@ -1,0 +1,453 @@
+//! Test harness: a real gateway on 127.0.0.1:0 with certificates minted per test, real backend
+//! WebSocket servers the test drives by hand, and a real TLS WebSocket device client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse::registry::{Enrollment, Registry};
+use gatehouse::Server;
+use gatehouse_pki::{CertificateAuthority, DeviceCertOptions, IssuedCert, Revocation};
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderMap, HeaderValue};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+pub type DeviceSocket = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Upper bound for any single wait in a test, so a bug fails the test instead of hanging it.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+/// A backend WebSocket server. Each accepted connection arrives on `conns` with the headers of
+/// its upgrade request, for the test to drive.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub conns: mpsc::UnboundedReceiver<BackendConn>,
+}
+
+pub struct BackendConn {
+    pub headers: HeaderMap,
+    pub ws: WebSocketStream<TcpStream>,
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut headers = HeaderMap::new();
+                    let cb = |req: &Request, mut resp: Response| {
+                        headers = req.headers().clone();
+                        if let Some(p) = req.headers().get("sec-websocket-protocol") {
+                            let first = p
+                                .to_str()
+                                .unwrap()
+                                .split(',')
+                                .next()
+                                .unwrap()
+                                .trim()
+                                .to_string();
+                            resp.headers_mut().insert(
+                                "sec-websocket-protocol",
+                                HeaderValue::from_str(&first).unwrap(),
+                            );
+                        }
+                        Ok(resp)
+                    };
+                    if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await {
+                        let _ = tx.send(BackendConn { headers, ws });
+                    }
+                });
+            }
+        });
+        Backend { addr, conns: rx }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    pub async fn next(&mut self) -> BackendConn {
+        within(self.conns.recv())
+            .await
+            .expect("backend channel closed")
+    }
+}
+
+/// An address where nothing listens (bound, then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+pub struct RouteSpec {
+    pub subprotocol: &'static str,
+    pub kind: &'static str,
+    pub device_types: Vec<&'static str>,
+    pub backends: Vec<String>,
+}
+
+pub struct Options {
+    pub routes: Vec<RouteSpec>,
+    pub stale_crl: &'static str,
+    pub session_resumption: bool,
+    pub handshake_timeout_ms: u64,
+    pub max_message_bytes: usize,
+    pub extra: String,
+}
+
+impl Options {
+    pub fn new(routes: Vec<RouteSpec>) -> Self {
+        Self {
+            routes,
+            stale_crl: "refuse",
+            session_resumption: true,
+            handshake_timeout_ms: 5000,
+            max_message_bytes: 65536,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running gateway with its PKI.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub admin_token: String,
+    pub config_path: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+    pub registry: Arc<Registry>,
+    pub tls: Arc<gatehouse::tls::TlsState>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+    revoked: std::sync::Mutex<Vec<Revocation>>,
+}
+
+pub fn device_options() -> DeviceCertOptions {
+    DeviceCertOptions::default()
+}
+
+impl Gateway {
+    pub async fn start(options: Options) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("Test CA", time::Duration::days(30)).unwrap();
+        let server = ca
+            .issue_server(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                time::Duration::days(30),
+            )
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key_pem).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let crl = ca
+            .crl_pem(
+                &[],
+                1,
+                now - time::Duration::minutes(1),
+                now + time::Duration::days(1),
+            )
+            .unwrap();
+        std::fs::write(dir.path().join("crl.pem"), crl).unwrap();
+        let token = "test-admin-token-0123456789".to_string();
+        std::fs::write(dir.path().join("admin.token"), &token).unwrap();
+
+        let mut routes = String::new();
+        for r in &options.routes {
+            routes.push_str(&format!(
+                "[[route]]\nsubprotocol = {:?}\nkind = {:?}\ndevice_types = {:?}\nbackends = {:?}\n\n",
+                r.subprotocol, r.kind, r.device_types, r.backends
+            ));
+        }
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+handshake_timeout_ms = {hs}
+close_timeout_ms = 2000
+shutdown_grace_ms = 5000
+
+[tls]
+cert = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+crl = ["crl.pem"]
+stale_crl = "{stale}"
+session_resumption = {resume}
+crl_refresh_ms = 3600000
+
+[registry]
+path = "registry"
+
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+
+[websocket]
+max_message_bytes = {max_msg}
+max_frame_bytes = {max_msg}
+
+[backend]
+connect_timeout_ms = 2000
+{extra}
+{routes}"#,
+            hs = options.handshake_timeout_ms,
+            stale = options.stale_crl,
+            resume = options.session_resumption,
+            max_msg = options.max_message_bytes,
+            extra = options.extra,
+        );
+        let config_path = dir.path().join("gatehouse.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let config = gatehouse::Config::load(&config_path).unwrap();
+
+        let shutdown = CancellationToken::new();
+        let server = Server::new(config, shutdown.clone()).unwrap();
+        let registry = server.registry();
+        let tls = server.tls();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            server.serve(listener, Some(admin)).await.unwrap();
+        });
+        Gateway {
+            addr,
+            admin_addr,
+            admin_token: token,
+            config_path,
+            dir,
+            ca,
+            registry,
+            tls,
+            shutdown,
+            task,
+            revoked: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Issues a device certificate without enrolling it.
+    pub fn issue(&self, id: &str) -> IssuedCert {
+        self.ca.issue_device(id, &device_options()).unwrap()
+    }
+
+    /// Issues and enrolls a device.
+    pub fn enroll(&self, id: &str, device_type: &str) -> IssuedCert {
+        let cert = self.issue(id);
+        self.registry
+            .enroll(Enrollment {
+                id: id.into(),
+                device_type: device_type.into(),
+                sha256: cert.fingerprint_hex(),
+                labels: Default::default(),
+            })
+            .unwrap();
+        cert
+    }
+
+    /// Adds the certificate to the CRL file and reloads TLS.
+    pub fn revoke_in_crl(&self, cert: &IssuedCert) {
+        let now = time::OffsetDateTime::now_utc();
+        let mut revoked = self.revoked.lock().unwrap();
+        revoked.push(Revocation {
+            serial: cert.serial.clone(),
+            revoked_at: now - time::Duration::seconds(1),
+        });
+        let crl = self
+            .ca
+            .crl_pem(
+                &revoked,
+                revoked.len() as u64 + 1,
+                now - time::Duration::minutes(1),
+                now + time::Duration::days(1),
+            )
+            .unwrap();
+        std::fs::write(self.dir.path().join("crl.pem"), crl).unwrap();
+        self.tls.reload().unwrap();
+    }
+
+    pub fn client_config(&self, cert: Option<&IssuedCert>) -> Arc<ClientConfig> {
+        client_config(self.ca.cert_pem(), cert)
+    }
+
+    /// Connects a device with a fresh TLS client config.
+    pub async fn connect(
+        &self,
+        cert: Option<&IssuedCert>,
+        protocols: &[&str],
+    ) -> Result<
+        (
+            DeviceSocket,
+            tokio_tungstenite::tungstenite::handshake::client::Response,
+        ),
+        ConnectError,
+    > {
+        connect(self.addr, self.client_config(cert), protocols, &[]).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within(self.task).await.unwrap();
+    }
+}
+
+pub fn client_config(ca_pem: &str, cert: Option<&IssuedCert>) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = ClientConfig::builder_with_provider(gatehouse::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(c.cert_der.clone())],
+                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The gateway answered the upgrade with an HTTP status.
+    Http {
+        status: u16,
+        body: String,
+        refusal: Option<String>,
+    },
+    /// TLS or transport failure (alerts show up here).
+    Transport(String),
+}
+
+impl ConnectError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Http { status, .. } => Some(*status),
+            ConnectError::Transport(_) => None,
+        }
+    }
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    protocols: &[&str],
+    extra_headers: &[(&str, &str)],
+) -> Result<
+    (
+        DeviceSocket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    ConnectError,
+> {
+    let tls = connect_tls(addr, config).await?;
+    upgrade(tls, addr, protocols, extra_headers).await
+}
+
+/// TLS only, so a test can look at the session before the upgrade.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> Result<TlsStream<TcpStream>, ConnectError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))
+}
+
+pub async fn upgrade(
+    tls: TlsStream<TcpStream>,
+    addr: SocketAddr,
+    protocols: &[&str],
+    extra_headers: &[(&str, &str)],
+) -> Result<
+    (
+        DeviceSocket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    ConnectError,
+> {
+    let mut request = format!("wss://localhost:{}/", addr.port())
+        .into_client_request()
+        .unwrap();
+    if !protocols.is_empty() {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&protocols.join(", ")).unwrap(),
+        );
+    }
+    for (k, v) in extra_headers {
+        let name =
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        request
+            .headers_mut()
+            .append(name, HeaderValue::from_str(v).unwrap());
+    }
+    tokio_tungstenite::client_async(request, tls)
+        .await
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => ConnectError::Http {
+                status: resp.status().as_u16(),
+                refusal: resp
+                    .headers()
+                    .get("x-gatehouse-refusal")
+                    .map(|v| v.to_str().unwrap().to_string()),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            },
+            other => ConnectError::Transport(other.to_string()),
+        })
+}
+
+pub fn telemetry_route(backends: Vec<String>) -> RouteSpec {
+    RouteSpec {
+        subprotocol: "telemetry.v1",
+        kind: "telemetry",
+        device_types: vec!["env-sensor", "door-lock"],
+        backends,
+    }
+}
+
+pub fn control_route(backends: Vec<String>) -> RouteSpec {
+    RouteSpec {
+        subprotocol: "control.v1",
+        kind: "control",
+        device_types: vec!["door-lock"],
+        backends,
+    }
+}
