@@ -53,6 +53,7 @@ impl Backend {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let mut headers = HeaderMap::new();
+                    #[allow(clippy::result_large_err)] // tungstenite's callback signature
                     let cb = |req: &Request, mut resp: Response| {
                         headers = req.headers().clone();
                         if let Some(p) = req.headers().get("sec-websocket-protocol") {
