@@ -1,0 +1,189 @@
+//! One simulated device's connection: its own client certificate, a TLS WebSocket to the
+//! gateway, and a classification of every way the gateway can refuse it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::WebSocketStream;
+
+pub type DeviceSocket = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Where and how devices connect.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub server_name: ServerName<'static>,
+    pub url: String,
+}
+
+impl Target {
+    /// Parses `wss://HOST:PORT/PATH`; HOST must resolve (an IP or `localhost`).
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("wss"),
+            "gateway URL must start with wss://"
+        );
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow::anyhow!("gateway URL has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let ip: IpAddr = if host == "localhost" {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            host.parse().map_err(|_| {
+                anyhow::anyhow!("gateway host {host:?} must be an IP address or localhost")
+            })?
+        };
+        Ok(Self {
+            addr: SocketAddr::new(ip, port),
+            server_name: ServerName::try_from(host)?,
+            url: url.to_string(),
+        })
+    }
+}
+
+/// Loads a CA bundle for verifying the gateway.
+pub fn roots(ca_pem: &Path) -> anyhow::Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(cert?)?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{}: no certificate", ca_pem.display());
+    Ok(Arc::new(roots))
+}
+
+/// A TLS client config presenting this device's certificate.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+    let config = ClientConfig::builder_with_provider(gatehouse::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Why a connection attempt did not produce a session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refused {
+    /// The gateway answered with an HTTP status (and its `x-gatehouse-refusal` code).
+    Http {
+        status: u16,
+        code: String,
+    },
+    /// The TLS handshake failed (the alert or error).
+    Tls(String),
+    /// TCP or other transport failure.
+    Transport(String),
+    Timeout,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Http { status, code } => write!(f, "HTTP {status} {code}"),
+            Refused::Tls(e) => write!(f, "TLS {e}"),
+            Refused::Transport(e) => write!(f, "transport: {e}"),
+            Refused::Timeout => f.write_str("timeout"),
+        }
+    }
+}
+
+fn classify_io(e: &std::io::Error) -> Refused {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return Refused::Tls(match tls {
+            rustls::Error::AlertReceived(alert) => format!("alert {alert:?}"),
+            other => other.to_string(),
+        });
+    }
+    Refused::Transport(e.kind().to_string())
+}
+
+/// Connects one device: TCP (from `source`, if given), TLS, WebSocket upgrade offering
+/// `protocols`. Returns the socket and the subprotocol the gateway chose.
+pub async fn connect(
+    target: &Target,
+    config: Arc<ClientConfig>,
+    protocols: &str,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<(DeviceSocket, String), Refused> {
+    let attempt = async {
+        let socket = if target.addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| classify_io(&e))?;
+        if let Some(ip) = source {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| classify_io(&e))?;
+        }
+        let tcp = socket
+            .connect(target.addr)
+            .await
+            .map_err(|e| classify_io(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(target.server_name.clone(), tcp)
+            .await
+            .map_err(|e| classify_io(&e))?;
+        let mut request = target
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| Refused::Transport(e.to_string()))?;
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(protocols).map_err(|e| Refused::Transport(e.to_string()))?,
+        );
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(1 << 20))
+            .max_frame_size(Some(1 << 20));
+        match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
+            Ok((ws, resp)) => {
+                let proto = resp
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                Ok((ws, proto))
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Refused::Http {
+                status: resp.status().as_u16(),
+                code: resp
+                    .headers()
+                    .get("x-gatehouse-refusal")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Io(e)) => Err(classify_io(&e)),
+            Err(e) => Err(Refused::Transport(e.to_string())),
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Err(Refused::Timeout))
+}
