@@ -15,9 +15,9 @@ use crate::routing::{Route, RouteTable};
 
 /// Address devices connect to when the file does not say: the conventional HTTPS-alt port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
-/// Most device sessions at once: 20,000. Each one holds two sockets (device and backend), so
-/// this stays under a 20,000-per-process file limit only with a backend pool on another host;
-/// set it to what the host's `ulimit -n` allows, halved.
+/// Most device sessions at once: 9,000. Each session holds two sockets (device and backend),
+/// so 9,000 sessions stay under a 20,000 open-file limit with room for the registry, logs and
+/// the admin API. Raise it with the host's `ulimit -n`, halved.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 9_000;
 /// Time a device has to finish TLS and send its upgrade request: 10 s covers a slow cellular
 /// link; a client that stalls longer is dropped so it cannot hold a connection slot.
@@ -599,5 +599,25 @@ mod tests {
         assert!(admin.token.matches("0123456789abcdef0123"));
         assert!(!admin.token.matches("0123456789abcdef0124"));
         assert!(!format!("{admin:?}").contains("0123456789"));
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example parses and validates (with a token file next to it).
+    #[test]
+    fn example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let example = include_str!("../gatehouse.example.toml");
+        let path = dir.path().join("gatehouse.toml");
+        std::fs::write(&path, example).unwrap();
+        std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123456789").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.routes.iter().count(), 2);
+        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(c.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.websocket.read_buffer_bytes, DEFAULT_READ_BUFFER_BYTES);
     }
 }

@@ -111,6 +111,8 @@ impl Server {
         }
 
         self.tracker.spawn(crl_refresher(shared.clone()));
+        #[cfg(unix)]
+        self.tracker.spawn(reload_on_sighup(shared.clone()));
 
         let permits = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         loop {
@@ -199,6 +201,32 @@ async fn crl_refresher(shared: Arc<Shared>) {
         shared
             .tls
             .warn_if_stale(time::OffsetDateTime::now_utc().unix_timestamp());
+    }
+}
+
+/// Reloads TLS material (certificates, CA bundle, CRLs) on SIGHUP.
+#[cfg(unix)]
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            // Cancel-safe: `recv` loses no signal when dropped.
+            _ = shared.shutdown.cancelled() => return,
+            s = hup.recv() => if s.is_none() { return },
+        }
+        match Server::reload(shared.tls.clone()).await {
+            Ok(()) => tracing::info!("SIGHUP: TLS material reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: reload failed; the previous certificates and CRLs stay in force")
+            }
+        }
     }
 }
 
