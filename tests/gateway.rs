@@ -560,3 +560,26 @@ async fn a_backend_that_stops_reading_slows_the_device_down() {
     assert_eq!(received, sent);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn wss_backend_gets_the_gateways_client_certificate() {
+    let backend_ca =
+        gatehouse_pki::CertificateAuthority::generate("Backend CA", time::Duration::days(1))
+            .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (mut backend, lines) = Backend::start_tls(&backend_ca, files.path()).await;
+    let mut options = Options::new(vec![telemetry_route(vec![backend.wss_url("/secure")])]);
+    options.extra = lines;
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("s-wss", "env-sensor");
+    let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be = backend.next().await;
+    assert!(
+        be.client_cert,
+        "the gateway must present its client certificate"
+    );
+    assert_eq!(be.headers["x-gatehouse-device-id"], "s-wss");
+    dev.send(Message::text("{}")).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text("{}"));
+    gw.stop().await;
+}

@@ -34,7 +34,21 @@ fn enrollment(entry: &gatehouse_pki::ManifestEntry) -> Enrollment {
     }
 }
 
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+/// What the demo observed, for callers that check it.
+#[derive(Debug, Clone)]
+pub struct DemoSummary {
+    /// (device id, verdict) for each probe that should be refused.
+    pub refusals: Vec<(String, Option<device::Refused>)>,
+    pub sensors_connected: u64,
+    pub locks_connected: u64,
+    pub telemetry_sent: u64,
+    pub telemetry_delivered: u64,
+    pub commands_sent: u64,
+    pub commands_answered: u64,
+    pub responses_delivered: u64,
+}
+
+pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     let work = tempfile::Builder::new()
         .prefix("gatehouse-demo-")
         .tempdir()?;
@@ -48,7 +62,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     pki.issue_server(&["localhost".into()], &["127.0.0.1".parse::<IpAddr>()?])?;
     let (sensors, _) = pki.issue_fleet("env-sensor", options.sensors, "sensor")?;
     let (locks, _) = pki.issue_fleet("door-lock", options.locks, "lock")?;
-    let intruder = pki.issue_device(
+    pki.issue_device(
         "intruder",
         "env-sensor",
         false,
@@ -159,6 +173,7 @@ backends = ["{control_url}"]
     let target = Target::parse(&format!("wss://localhost:{}/", addr.port()))?;
     let roots = device::roots(&pki_dir.join(PkiDir::CA_CERT))?;
     println!("[4] refusals:");
+    let mut refusals = Vec::new();
     let probes = [
         (
             "intruder",
@@ -177,14 +192,14 @@ backends = ["{control_url}"]
         let cert = std::fs::read(pki.device_cert_path(id))?;
         let key = std::fs::read(pki.device_key_path(id))?;
         let config = device::client_config(roots.clone(), &cert, &key)?;
-        let verdict =
-            match device::connect(&target, config, proto, None, Duration::from_secs(5)).await {
-                Ok(_) => "ADMITTED (unexpected)".to_string(),
-                Err(refused) => format!("refused: {refused}"),
-            };
+        let result = device::connect(&target, config, proto, None, Duration::from_secs(5)).await;
+        let verdict = match &result {
+            Ok(_) => "ADMITTED (unexpected)".to_string(),
+            Err(refused) => format!("refused: {refused}"),
+        };
         println!("    {id:<16} {what:<44} -> {verdict}");
+        refusals.push((id.to_string(), result.err().clone()));
     }
-    let _ = intruder;
 
     // 5. The fleet.
     println!(
@@ -235,5 +250,14 @@ backends = ["{control_url}"]
         let kept = work.keep();
         println!("    work directory kept: {}", kept.display());
     }
-    Ok(())
+    Ok(DemoSummary {
+        refusals,
+        sensors_connected: sensor_report.connected,
+        locks_connected: lock_report.connected,
+        telemetry_sent: sensor_report.frames_sent,
+        telemetry_delivered: delivered,
+        commands_sent: control_stats.commands_sent.load(Ordering::Relaxed),
+        commands_answered: lock_report.commands_answered,
+        responses_delivered: control_stats.responses.load(Ordering::Relaxed),
+    })
 }

@@ -157,7 +157,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_hz: rate,
                 keep,
             })
-            .await
+            .await?;
+            Ok(())
         }
         Command::Fleet {
             url,

@@ -31,6 +31,10 @@ pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f).await.expect("timed out")
 }
 
+/// Any byte stream a backend connection can run over (plain TCP or TLS).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A backend WebSocket server. Each accepted connection arrives on `conns` with the headers of
 /// its upgrade request, for the test to drive.
 pub struct Backend {
@@ -40,18 +44,40 @@ pub struct Backend {
 
 pub struct BackendConn {
     pub headers: HeaderMap,
-    pub ws: WebSocketStream<TcpStream>,
+    /// Whether the gateway presented a client certificate (TLS backends only).
+    pub client_cert: bool,
+    pub ws: WebSocketStream<Box<dyn Io>>,
 }
 
 impl Backend {
     pub async fn start() -> Backend {
+        Self::start_with(None).await
+    }
+
+    /// A `wss://` backend whose TLS acceptor is `tls` (which may require client certificates).
+    pub async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let tx = tx.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let (io, client_cert): (Box<dyn Io>, bool) = match tls {
+                        None => (Box::new(tcp), false),
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let has_cert = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .is_some_and(|c| !c.is_empty());
+                            (Box::new(stream), has_cert)
+                        }
+                    };
                     let mut headers = HeaderMap::new();
                     #[allow(clippy::result_large_err)] // tungstenite's callback signature
                     let cb = |req: &Request, mut resp: Response| {
@@ -72,8 +98,12 @@ impl Backend {
                         }
                         Ok(resp)
                     };
-                    if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await {
-                        let _ = tx.send(BackendConn { headers, ws });
+                    if let Ok(ws) = tokio_tungstenite::accept_hdr_async(io, cb).await {
+                        let _ = tx.send(BackendConn {
+                            headers,
+                            client_cert,
+                            ws,
+                        });
                     }
                 });
             }
@@ -81,8 +111,59 @@ impl Backend {
         Backend { addr, conns: rx }
     }
 
+    /// A `wss://` backend requiring a client certificate from `ca`. Returns it and the
+    /// `[backend]` config lines (CA bundle, the gateway's client certificate) for the gateway;
+    /// the files go to `dir`.
+    pub async fn start_tls(ca: &CertificateAuthority, dir: &std::path::Path) -> (Backend, String) {
+        let server = ca
+            .issue_server(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                time::Duration::days(1),
+            )
+            .unwrap();
+        let client = ca
+            .issue_client("gatehouse-gateway", time::Duration::days(1))
+            .unwrap();
+        std::fs::write(dir.join("backend-ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("gw-client.pem"), &client.cert_pem).unwrap();
+        std::fs::write(dir.join("gw-client.key"), &client.key_pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert_der().to_vec()))
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            gatehouse::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(gatehouse::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(server.cert_der.clone())],
+                PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let backend =
+            Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await;
+        let lines = format!(
+            "ca = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n",
+            dir.join("backend-ca.pem"),
+            dir.join("gw-client.pem"),
+            dir.join("gw-client.key")
+        );
+        (backend, lines)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.addr)
+    }
+
+    pub fn wss_url(&self, path: &str) -> String {
+        format!("wss://localhost:{}{path}", self.addr.port())
     }
 
     pub async fn next(&mut self) -> BackendConn {
