@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Relay benchmark: proxy CPU per forwarded frame and memory per connected device.
+#
+#   device-sim/bench/relay.sh            # N=1000 devices, RATE=10 frames/s each, SECS=30
+#   N=5000 RATE=2 SECS=40 device-sim/bench/relay.sh
+#   TARGET=nginx device-sim/bench/relay.sh   # the same fleet through nginx (mTLS, CRL, proxy)
+#
+# Starts the release gateway, the sample ingest backend and a simulated fleet as separate
+# processes on loopback. CPU is the gateway's utime+stime (/proc) over a window in which every
+# device is connected and sending; frames in that window are N*RATE*window (the fleet paces
+# itself; the ingest total printed at the end confirms it). Memory is the gateway's RSS with
+# all devices connected minus its RSS before any connected, divided by N.
+set -euo pipefail
+TARGET=${TARGET:-gatehouse}
+N=${N:-1000}
+RATE=${RATE:-10}
+SECS=${SECS:-30}
+cd "$(dirname "$0")/../.."
+cargo build --release --workspace -q
+B=$PWD/target/release
+W=$(mktemp -d /tmp/gatehouse-bench-XXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+GW_PORT=$(free_port); INGEST_PORT=$(free_port)
+
+$B/gatehouse-pki init --dir "$W/pki" >/dev/null
+$B/gatehouse-pki server --dir "$W/pki" --dns localhost --ip 127.0.0.1 >/dev/null
+$B/gatehouse-pki fleet --dir "$W/pki" --type env-sensor --count "$N" --prefix s
+cat > "$W/gatehouse.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW_PORT"
+max_connections = 9500
+[tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+client_ca = "pki/ca.pem"
+crl = ["pki/crl.pem"]
+[registry]
+path = "registry"
+[[route]]
+subprotocol = "telemetry.v1"
+kind = "telemetry"
+device_types = ["env-sensor"]
+backends = ["ws://127.0.0.1:$INGEST_PORT/ingest"]
+TOML
+$B/gatehouse devices --config "$W/gatehouse.toml" enroll --manifest "$W/pki/fleet-s.json"
+
+$B/gatehouse-sim ingest --listen 127.0.0.1:$INGEST_PORT > "$W/ingest.log" &
+if [ "$TARGET" = nginx ]; then
+  cat > "$W/nginx.conf" <<NGINX
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 19000; }
+http {
+  access_log off;
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+  server {
+    listen 127.0.0.1:$GW_PORT ssl;
+    ssl_certificate $W/pki/server.pem;
+    ssl_certificate_key $W/pki/server.key;
+    ssl_client_certificate $W/pki/ca.pem;
+    ssl_crl $W/pki/crl.pem;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.3;
+    location / {
+      proxy_pass http://127.0.0.1:$INGEST_PORT;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_set_header x-gatehouse-device-id \$ssl_client_s_dn;
+      proxy_read_timeout 3600s;
+    }
+  }
+}
+NGINX
+  nginx -c "$W/nginx.conf"
+  until [ -s "$W/nginx.pid" ]; do sleep 0.1; done
+  sleep 0.5
+  PIDS=$(pgrep -P "$(cat "$W/nginx.pid")" | tr '\n' ' ')
+  trap 'nginx -c "$W/nginx.conf" -s stop 2>/dev/null; kill $(jobs -p) 2>/dev/null || true' EXIT
+else
+  RUST_LOG=warn $B/gatehouse serve --config "$W/gatehouse.toml" 2> "$W/gateway.log" &
+  PIDS=$!
+fi
+until python3 -c "import socket; socket.create_connection(('127.0.0.1',$GW_PORT))" 2>/dev/null; do sleep 0.1; done
+
+cpu() { local t=0; for p in $PIDS; do t=$(( t + $(awk '{print $14+$15}' /proc/$p/stat) )); done; echo $t; }   # clock ticks
+rss() { local t=0; for p in $PIDS; do t=$(( t + $(awk '/VmRSS/ {print $2}' /proc/$p/status) )); done; echo $t; } # KiB
+TCK=$(getconf CLK_TCK)
+RSS0=$(rss)
+
+$B/gatehouse-sim fleet --url wss://localhost:$GW_PORT/ --dir "$W/pki" --rate "$RATE" --seconds "$SECS" --connect-rate 2000 > "$W/fleet.log" &
+FLEET=$!
+RAMP=$(( N / 2000 + 4 ))
+sleep "$RAMP"
+C1=$(cpu); RSS1=$(rss); T1=$(date +%s.%N)
+WINDOW=$(( SECS - RAMP - 3 ))
+sleep "$WINDOW"
+C2=$(cpu); T2=$(date +%s.%N)
+wait $FLEET
+cat "$W/fleet.log"
+python3 - <<PY
+n, rate = $N, $RATE
+window = $T2 - $T1
+frames = n * rate * window
+cpu_s = ($C2 - $C1) / $TCK
+print("target $TARGET")
+print(f"window {window:.1f} s, ~{frames:.0f} frames forwarded")
+print(f"proxy CPU {cpu_s:.2f} s -> {cpu_s / frames * 1e6:.2f} us per frame ({cpu_s / window * 100:.0f}% of one core)")
+print(f"proxy RSS {$RSS0/1024:.1f} MiB idle, {$RSS1/1024:.1f} MiB with {n} devices -> {($RSS1-$RSS0)/n:.1f} KiB per device")
+PY
+if [ "$TARGET" = nginx ]; then nginx -c "$W/nginx.conf" -s stop; else kill -INT $PIDS; wait $PIDS || true; fi
+kill -INT %1 2>/dev/null || true
+sleep 0.5
+tail -1 "$W/ingest.log"
