@@ -15,8 +15,13 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use arc_swap::ArcSwap;
+
 use crate::config::AdminToken;
+use crate::deadletter::{DeadLetter, DeadLetterStore};
 use crate::registry::{Device, DeviceStatus, Enrollment, Registry, RegistryError};
+use crate::rejections::{RejectionCount, RejectionStats};
+use crate::schema::SchemaSet;
 use crate::tls::TlsState;
 
 /// Time the CLI waits for the admin API before it gives up: 10 s.
@@ -27,6 +32,10 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub tls: Arc<TlsState>,
     pub token: AdminToken,
+    pub schemas: Arc<ArcSwap<SchemaSet>>,
+    pub schemas_dir: std::path::PathBuf,
+    pub rejections: Arc<RejectionStats>,
+    pub deadletters: Arc<DeadLetterStore>,
 }
 
 /// Body of `POST /v1/devices`.
@@ -197,6 +206,47 @@ async fn reload_tls(
     }))
 }
 
+async fn reload_schemas(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Health>, ApiError> {
+    authorize(&s, &headers)?;
+    let n = crate::server::Server::reload_schemas(s.schemas.clone(), s.schemas_dir.clone())
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload failed, previous schemas kept: {e}"),
+            )
+        })?;
+    tracing::info!(device_types = n, "admin: schemas reloaded");
+    Ok(Json(Health {
+        status: "reloaded".into(),
+        devices: s.registry.len(),
+    }))
+}
+
+async fn rejections(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<RejectionCount>>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(s.rejections.snapshot()))
+}
+
+async fn deadletters(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    authorize(&s, &headers)?;
+    if s.registry.get(&id).is_none() {
+        return Err(ApiError::from(RegistryError::UnknownDevice(id)));
+    }
+    let store = s.deadletters.clone();
+    Ok(Json(blocking(move || store.list(&id)).await?))
+}
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
@@ -205,7 +255,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices/{id}/suspend", post(suspend))
         .route("/v1/devices/{id}/resume", post(resume))
         .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/deadletters", get(deadletters))
         .route("/v1/tls/reload", post(reload_tls))
+        .route("/v1/schemas/reload", post(reload_schemas))
+        .route("/v1/stats/rejections", get(rejections))
         .with_state(state)
 }
 
@@ -330,6 +383,33 @@ impl AdminClient {
         let r = self
             .agent
             .post(format!("{}/v1/devices/{id}/{verb}", self.base))
+            .header("Authorization", self.auth())
+            .send_empty();
+        self.finish(r)
+    }
+
+    pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/devices/{id}/deadletters", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn rejections(&self) -> Result<Vec<RejectionCount>, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/stats/rejections", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn reload_schemas(&self) -> Result<Health, ClientError> {
+        let r = self
+            .agent
+            .post(format!("{}/v1/schemas/reload", self.base))
             .header("Authorization", self.auth())
             .send_empty();
         self.finish(r)

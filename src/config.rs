@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::routing::{Route, RouteTable};
+use crate::routing::{FrameRules, Route, RouteTable};
 
 /// Address devices connect to when the file does not say: the conventional HTTPS-alt port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
@@ -44,6 +44,11 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Bytes buffered before a write goes to the socket: 16 KiB. The relay also flushes as soon as
 /// its source has nothing more ready, so this only batches bursts.
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Deepest nesting of arrays and maps in a frame: 16 covers any sane telemetry or command and
+/// keeps decoding recursion shallow.
+pub const DEFAULT_MAX_DEPTH: usize = 16;
+/// Hard ceiling for `schemas.max_depth` (serde_json's own recursion limit is 128).
+pub const MAX_DEPTH_LIMIT: usize = 64;
 /// TLS session tickets sent after a TLS 1.3 handshake: one is enough for one reconnection.
 pub const DEFAULT_TLS13_TICKETS: usize = 1;
 
@@ -78,8 +83,26 @@ pub struct FileConfig {
     pub websocket: FileWebSocket,
     #[serde(default)]
     pub backend: FileBackend,
+    #[serde(default)]
+    pub schemas: FileSchemas,
+    #[serde(default)]
+    pub deadletter: FileDeadLetter,
     #[serde(default, rename = "route")]
     pub routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSchemas {
+    pub dir: Option<PathBuf>,
+    pub max_depth: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDeadLetter {
+    pub per_device: Option<usize>,
+    pub max_payload_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +168,9 @@ pub struct FileRoute {
     pub kind: String,
     pub device_types: Vec<String>,
     pub backends: Vec<String>,
+    pub error_replies: Option<bool>,
+    pub invalid_frame_limit: Option<u32>,
+    pub invalid_frame_window_ms: Option<u64>,
 }
 
 /// TLS protocol versions the gateway accepts.
@@ -272,9 +298,18 @@ pub struct BackendConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
+#[derive(Debug, Clone)]
+pub struct DeadLetterConfig {
+    pub per_device: usize,
+    pub max_payload_bytes: usize,
+}
+
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub schemas_dir: PathBuf,
+    pub limits: crate::frames::DecodeLimits,
+    pub deadletter: DeadLetterConfig,
     pub listen: SocketAddr,
     pub max_connections: NonZeroUsize,
     pub handshake_timeout: Duration,
@@ -456,8 +491,21 @@ impl Config {
         let mut seen = HashSet::new();
         let mut routes = Vec::new();
         for r in file.routes {
+            let defaults = FrameRules::default();
+            let rules = FrameRules {
+                error_replies: r.error_replies.unwrap_or(defaults.error_replies),
+                invalid_frame_limit: r
+                    .invalid_frame_limit
+                    .unwrap_or(defaults.invalid_frame_limit),
+                invalid_frame_window: ms(
+                    r.invalid_frame_window_ms,
+                    defaults.invalid_frame_window,
+                    "route.invalid_frame_window_ms",
+                )?,
+            };
             let route = Route::parse(&r.subprotocol, &r.kind, &r.device_types, &r.backends)
-                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?;
+                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?
+                .with_frame_rules(rules);
             if !seen.insert(route.subprotocol.clone()) {
                 return Err(invalid(format!(
                     "subprotocol {:?} is routed twice: each subprotocol names one route",
@@ -473,7 +521,37 @@ impl Config {
             routes.push(route);
         }
 
+        let max_depth = file.schemas.max_depth.unwrap_or(DEFAULT_MAX_DEPTH);
+        if !(1..=MAX_DEPTH_LIMIT).contains(&max_depth) {
+            return Err(invalid(format!(
+                "schemas.max_depth must be between 1 and {MAX_DEPTH_LIMIT}"
+            )));
+        }
+        let deadletter = DeadLetterConfig {
+            per_device: file
+                .deadletter
+                .per_device
+                .unwrap_or(crate::deadletter::DEFAULT_PER_DEVICE),
+            max_payload_bytes: file
+                .deadletter
+                .max_payload_bytes
+                .unwrap_or(crate::deadletter::DEFAULT_MAX_PAYLOAD_BYTES),
+        };
+        if !(1..=10_000).contains(&deadletter.per_device) {
+            return Err(invalid("deadletter.per_device must be between 1 and 10000"));
+        }
+        // More than a message can hold would never be used.
+        let deadletter = DeadLetterConfig {
+            max_payload_bytes: deadletter
+                .max_payload_bytes
+                .min(websocket.max_message_bytes),
+            ..deadletter
+        };
+
         Ok(Self {
+            schemas_dir: rel(file.schemas.dir.as_deref().unwrap_or(Path::new("schemas"))),
+            limits: crate::frames::DecodeLimits { max_depth },
+            deadletter,
             listen,
             max_connections,
             handshake_timeout: ms(

@@ -38,6 +38,10 @@ pub enum Refusal {
     },
     /// Every backend of the route failed to connect.
     BackendUnavailable,
+    /// The route needs a schema this device's type does not have.
+    NoSchema {
+        file: &'static str,
+    },
     /// The gateway is shutting down.
     ShuttingDown,
 }
@@ -56,6 +60,7 @@ impl Refusal {
             Refusal::MethodNotAllowed => 405,
             Refusal::UpgradeRequired => 426,
             Refusal::HeadersTooLarge => 431,
+            Refusal::NoSchema { .. } => 500,
             Refusal::BackendUnavailable => 502,
             Refusal::ShuttingDown => 503,
         }
@@ -76,6 +81,7 @@ impl Refusal {
             Refusal::CertificateExpired => "certificate-expired",
             Refusal::NotClientCertificate => "not-a-client-certificate",
             Refusal::NoRoute { .. } => "no-route",
+            Refusal::NoSchema { .. } => "no-schema",
             Refusal::BackendUnavailable => "backend-unavailable",
             Refusal::ShuttingDown => "shutting-down",
         }
@@ -112,6 +118,9 @@ impl Refusal {
                     "no usable subprotocol (offered: {offered}); this device may use: {allowed}"
                 ))
             }
+            Refusal::NoSchema { file } => Cow::Owned(format!(
+                "this route needs {file} for the device's type and the gateway has none"
+            )),
             Refusal::BackendUnavailable => "no backend available for this subprotocol".into(),
             Refusal::ShuttingDown => "gateway is shutting down".into(),
         }
@@ -141,6 +150,7 @@ impl Refusal {
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        500 => "Internal Server Error",
         403 => "Forbidden",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -182,6 +192,8 @@ pub enum SessionEnd {
     DeviceProtocolError(CloseCode),
     /// The backend broke the WebSocket protocol (or a limit).
     BackendProtocolError(CloseCode),
+    /// The device sent more invalid frames in a window than its route allows.
+    InvalidFrameLimit,
     /// Shutdown.
     Shutdown,
 }
@@ -203,6 +215,9 @@ impl SessionEnd {
             SessionEnd::BackendVanished => Some(frame(CloseCode::Error, "backend connection lost")),
             SessionEnd::BackendProtocolError(_) => Some(frame(CloseCode::Error, "backend error")),
             SessionEnd::DeviceProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
+            SessionEnd::InvalidFrameLimit => {
+                Some(frame(CloseCode::Invalid, "too many invalid frames"))
+            }
             SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
         }
     }
@@ -212,9 +227,9 @@ impl SessionEnd {
         match self {
             SessionEnd::ClosedBy(Closer::Device, f) => Some(f.clone()),
             SessionEnd::ClosedBy(_, _) | SessionEnd::BackendVanished => None,
-            SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => {
-                Some(frame(CloseCode::Away, "device disconnected"))
-            }
+            SessionEnd::DeviceVanished
+            | SessionEnd::DeviceProtocolError(_)
+            | SessionEnd::InvalidFrameLimit => Some(frame(CloseCode::Away, "device disconnected")),
             SessionEnd::BackendProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
             SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
         }
@@ -225,7 +240,7 @@ impl SessionEnd {
             SessionEnd::ClosedBy(c, _) => *c,
             SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => Closer::Device,
             SessionEnd::BackendVanished | SessionEnd::BackendProtocolError(_) => Closer::Backend,
-            SessionEnd::Shutdown => Closer::Gateway,
+            SessionEnd::Shutdown | SessionEnd::InvalidFrameLimit => Closer::Gateway,
         }
     }
 
@@ -236,6 +251,7 @@ impl SessionEnd {
             SessionEnd::ClosedBy(_, None) => 1005,
             SessionEnd::DeviceVanished | SessionEnd::BackendVanished => 1006,
             SessionEnd::DeviceProtocolError(c) | SessionEnd::BackendProtocolError(c) => (*c).into(),
+            SessionEnd::InvalidFrameLimit => 1007,
             SessionEnd::Shutdown => 1001,
         }
     }
@@ -273,6 +289,7 @@ mod tests {
             SessionEnd::BackendVanished,
             SessionEnd::DeviceVanished,
             SessionEnd::DeviceProtocolError(CloseCode::Size),
+            SessionEnd::InvalidFrameLimit,
             SessionEnd::BackendProtocolError(CloseCode::Protocol),
             SessionEnd::Shutdown,
         ];

@@ -6,6 +6,11 @@
 //!   verdicts on certificate and registry record.
 //! - [`registry`]: the sled device registry (id, type, status, certificate fingerprints) with
 //!   its in-memory lookup index.
+//! - [`frames`]: pure: strict JSON and CBOR decoding into the JSON data model; error frames.
+//! - [`schema`]: per-device-type JSON Schemas, compiled once, reloadable as a whole.
+//! - [`policy`]: pure: which schema a frame needs, decode plus validate, invalid-frame limit.
+//! - [`rejections`]: counters per (type, route, reason) and the rejection log limiter.
+//! - [`deadletter`]: the bounded per-device store of rejected frames (sled) and its writer.
 //! - [`routing`]: pure: subprotocol routes, device-type policy, round-robin backend order.
 //! - [`upgrade`]: pure: parse and validate the HTTP upgrade request, write the 101.
 //! - [`error`]: the one mapping of refusals to HTTP statuses and session ends to close codes.
@@ -19,11 +24,16 @@
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod deadletter;
 pub mod error;
+pub mod frames;
 pub mod identity;
+pub mod policy;
 pub mod registry;
+pub mod rejections;
 pub mod relay;
 pub mod routing;
+pub mod schema;
 pub mod server;
 pub mod session;
 pub mod tls;

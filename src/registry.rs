@@ -1,5 +1,5 @@
 //! The device registry: the authority for each device's type and status, stored in sled.
-//! Owns every sled access of the gateway. Reads on the handshake path come from an in-memory
+//! Opens the gateway's sled database (the dead-letter store keeps its own tree in it). Reads on the handshake path come from an in-memory
 //! index (never the disk); writes go to sled (flushed) first and then to the index, so a
 //! change is visible to the next handshake without a restart. Writes are blocking calls: async
 //! callers run them on the blocking pool.
@@ -217,6 +217,11 @@ impl Registry {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The database, for the other trees stored with the registry (dead letters).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// The hot path: the device a certificate fingerprint is enrolled for. In memory only.

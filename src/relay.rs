@@ -3,7 +3,9 @@
 //! source only when the previous message was accepted by the destination, so a slow reader on
 //! one side slows the other side down instead of growing memory. Writes are batched: the
 //! destination is flushed when the source has nothing more ready. Close frames pass through;
-//! how a session ends maps to close frames in `error::SessionEnd`.
+//! how a session ends maps to close frames in `error::SessionEnd`. Every data frame is shown
+//! to an [`Inspector`] first (schema validation); a rejected frame is not forwarded and the
+//! inspector's error frame goes back to its sender.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -19,6 +21,33 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Closer, SessionEnd};
+use crate::policy::Direction;
+
+/// What to do with one data frame.
+#[derive(Debug)]
+pub enum Verdict {
+    Forward,
+    /// Do not forward; send `reply` (if any) back to the sender.
+    Reject {
+        reply: Option<Message>,
+    },
+    /// Do not forward, and end the session: the device passed its invalid-frame limit.
+    RejectAndClose,
+}
+
+/// Decides about every text and binary frame before it is forwarded.
+pub trait Inspector {
+    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict;
+}
+
+/// Forwards everything.
+pub struct ForwardAll;
+
+impl Inspector for ForwardAll {
+    fn inspect(&mut self, _: Direction, _: &Message) -> Verdict {
+        Verdict::Forward
+    }
+}
 
 /// Frames and payload bytes in one direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +73,18 @@ enum PumpEnd {
     Protocol(CloseCode),
     /// Writing to the destination failed.
     WriteFailed,
+    /// The source passed its invalid-frame limit.
+    TooManyInvalid,
 }
 
-/// One direction's state: at most one message waiting for the destination.
-#[derive(Default)]
+/// One direction's state: at most one message waiting for the destination, and at most one
+/// error frame waiting to go back to the source.
 struct Pump {
+    direction: Direction,
     pending: Option<Message>,
     needs_flush: bool,
+    reply: Option<Message>,
+    reply_needs_flush: bool,
     stats: DirectionStats,
 }
 
@@ -74,13 +108,44 @@ fn payload_len(msg: &Message) -> u64 {
 }
 
 impl Pump {
+    fn new(direction: Direction) -> Self {
+        Self {
+            direction,
+            pending: None,
+            needs_flush: false,
+            reply: None,
+            reply_needs_flush: false,
+            stats: DirectionStats::default(),
+        }
+    }
+
     /// Moves messages from `src` to `dst` until one of them is not ready.
-    fn poll<S, D>(&mut self, cx: &mut Context<'_>, src: &mut S, dst: &mut D) -> Poll<PumpEnd>
+    fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+        inspector: &mut (dyn Inspector + Send),
+    ) -> Poll<PumpEnd>
     where
-        S: Stream<Item = Result<Message, WsError>> + Unpin,
+        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
         D: Sink<Message, Error = WsError> + Unpin,
     {
         loop {
+            if let Some(reply) = self.reply.take() {
+                match Pin::new(&mut *src).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::Vanished),
+                    Poll::Pending => {
+                        self.reply = Some(reply);
+                        return Poll::Pending;
+                    }
+                }
+                if Pin::new(&mut *src).start_send(reply).is_err() {
+                    return Poll::Ready(PumpEnd::Vanished);
+                }
+                self.reply_needs_flush = true;
+            }
             if let Some(msg) = self.pending.take() {
                 match Pin::new(&mut *dst).poll_ready(cx) {
                     Poll::Ready(Ok(())) => {}
@@ -105,6 +170,13 @@ impl Pump {
                     return Poll::Ready(PumpEnd::Closed(frame))
                 }
                 Poll::Ready(Some(Ok(Message::Frame(_)))) => {}
+                Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
+                    match inspector.inspect(self.direction, &msg) {
+                        Verdict::Forward => self.pending = Some(msg),
+                        Verdict::Reject { reply } => self.reply = reply,
+                        Verdict::RejectAndClose => return Poll::Ready(PumpEnd::TooManyInvalid),
+                    }
+                }
                 Poll::Ready(Some(Ok(msg))) => self.pending = Some(msg),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(classify(&e)),
                 Poll::Ready(None) => return Poll::Ready(PumpEnd::Vanished),
@@ -113,6 +185,13 @@ impl Pump {
                         match Pin::new(&mut *dst).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.needs_flush = false,
                             Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
+                            Poll::Pending => {}
+                        }
+                    }
+                    if self.reply_needs_flush {
+                        match Pin::new(&mut *src).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.reply_needs_flush = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::Vanished),
                             Poll::Pending => {}
                         }
                     }
@@ -130,13 +209,14 @@ pub async fn relay<D, B>(
     backend: &mut WebSocketStream<B>,
     shutdown: &CancellationToken,
     close_timeout: Duration,
+    inspector: &mut (dyn Inspector + Send),
 ) -> (SessionEnd, RelayStats)
 where
     D: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Pump::default();
-    let mut down = Pump::default();
+    let mut up = Pump::new(Direction::Up);
+    let mut down = Pump::new(Direction::Down);
     let end = {
         let mut cancelled = pin!(shutdown.cancelled());
         std::future::poll_fn(|cx| {
@@ -145,20 +225,24 @@ where
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(SessionEnd::Shutdown);
             }
-            if let Poll::Ready(end) = up.poll(cx, device, backend) {
+            if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
                 return Poll::Ready(match end {
                     PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Device, f),
                     PumpEnd::Vanished => SessionEnd::DeviceVanished,
                     PumpEnd::Protocol(code) => SessionEnd::DeviceProtocolError(code),
                     PumpEnd::WriteFailed => SessionEnd::BackendVanished,
+                    PumpEnd::TooManyInvalid => SessionEnd::InvalidFrameLimit,
                 });
             }
-            if let Poll::Ready(end) = down.poll(cx, backend, device) {
+            if let Poll::Ready(end) = down.poll(cx, backend, device, &mut *inspector) {
                 return Poll::Ready(match end {
                     PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Backend, f),
                     PumpEnd::Vanished => SessionEnd::BackendVanished,
                     PumpEnd::Protocol(code) => SessionEnd::BackendProtocolError(code),
                     PumpEnd::WriteFailed => SessionEnd::DeviceVanished,
+                    // The limit applies to devices; a backend's invalid commands only get
+                    // error frames.
+                    PumpEnd::TooManyInvalid => SessionEnd::BackendProtocolError(CloseCode::Invalid),
                 });
             }
             Poll::Pending

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::http::Uri;
 
@@ -64,6 +65,32 @@ impl std::fmt::Display for BackendUrl {
     }
 }
 
+/// What a route does with invalid frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRules {
+    /// Send the sender an error frame for each rejected frame.
+    pub error_replies: bool,
+    /// Invalid frames from a device allowed per window; one more closes with 1007.
+    pub invalid_frame_limit: u32,
+    pub invalid_frame_window: Duration,
+}
+
+/// Invalid frames a device may send per window before it is disconnected: 20 per 10 s lets a
+/// device with a bug report itself through error frames without flooding the backend's
+/// dead-letter store.
+pub const DEFAULT_INVALID_FRAME_LIMIT: u32 = 20;
+pub const DEFAULT_INVALID_FRAME_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for FrameRules {
+    fn default() -> Self {
+        Self {
+            error_replies: true,
+            invalid_frame_limit: DEFAULT_INVALID_FRAME_LIMIT,
+            invalid_frame_window: DEFAULT_INVALID_FRAME_WINDOW,
+        }
+    }
+}
+
 /// A subprotocol's route.
 #[derive(Debug)]
 pub struct Route {
@@ -71,6 +98,7 @@ pub struct Route {
     pub kind: RouteKind,
     pub device_types: Vec<String>,
     pub backends: Vec<BackendUrl>,
+    pub frames: FrameRules,
     next_backend: AtomicUsize,
 }
 
@@ -120,8 +148,14 @@ impl Route {
             kind,
             device_types: device_types.to_vec(),
             backends,
+            frames: FrameRules::default(),
             next_backend: AtomicUsize::new(0),
         })
+    }
+
+    pub fn with_frame_rules(mut self, frames: FrameRules) -> Self {
+        self.frames = frames;
+        self
     }
 
     pub fn allows(&self, device_type: &str) -> bool {

@@ -11,9 +11,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwap;
+
 use crate::backend::Connector;
 use crate::config::Config;
+use crate::deadletter::DeadLetterStore;
 use crate::registry::{Registry, RegistryError};
+use crate::rejections::RejectionStats;
+use crate::schema::{SchemaError, SchemaSet};
+use crate::session::FrameServices;
 use crate::session::{self, Shared};
 use crate::tls::{TlsError, TlsState};
 
@@ -26,14 +32,18 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("admin API: {0}")]
-    Admin(std::io::Error),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
 }
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A gateway with its TLS material loaded and registry open, not yet listening.
 pub struct Server {
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    deadletter_store: Arc<DeadLetterStore>,
+    deadletter_writer: Option<BoxFuture>,
 }
 
 impl std::fmt::Debug for Server {
@@ -50,17 +60,52 @@ impl Server {
             tracing::warn!("no tls.crl configured: certificate revocation is checked only through the registry");
         }
         let backend_tls = crate::tls::backend_client_config(&config.backend)?;
+        let schemas = SchemaSet::load(&config.schemas_dir)?;
+        let missing = schemas.missing_for(&config.routes);
+        if !missing.is_empty() {
+            // Devices of these types are refused on these routes (500 no-schema); say so now.
+            for (route, device_type, file) in &missing {
+                tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
+            }
+        }
         let registry = Arc::new(Registry::open(&config.registry_path)?);
+        let deadletter_store = Arc::new(DeadLetterStore::open(
+            registry.db(),
+            config.deadletter.per_device,
+        )?);
+        let (deadletters, writer) =
+            crate::deadletter::writer(deadletter_store.clone(), shutdown.clone());
         let connector = Connector::new(
             backend_tls,
             config.backend.connect_timeout,
             config.websocket.tungstenite(),
         );
-        let shared = Arc::new(Shared::new(config, tls, registry, connector, shutdown));
+        let frames = FrameServices {
+            schemas: Arc::new(ArcSwap::from_pointee(schemas)),
+            rejections: Arc::new(RejectionStats::default()),
+            deadletters,
+        };
+        let shared = Arc::new(Shared::new(
+            config, tls, registry, connector, frames, shutdown,
+        ));
         Ok(Self {
             shared,
             tracker: TaskTracker::new(),
+            deadletter_store,
+            deadletter_writer: Some(Box::pin(writer)),
         })
+    }
+
+    pub fn schemas(&self) -> Arc<ArcSwap<SchemaSet>> {
+        self.shared.schemas.clone()
+    }
+
+    pub fn rejections(&self) -> Arc<RejectionStats> {
+        self.shared.rejections.clone()
+    }
+
+    pub fn deadletters(&self) -> Arc<DeadLetterStore> {
+        self.deadletter_store.clone()
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -79,10 +124,13 @@ impl Server {
     /// shutdown token fires; then closes sessions with 1001, waits up to the grace period
     /// and flushes the registry.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         admin: Option<TcpListener>,
     ) -> Result<(), ServerError> {
+        if let Some(writer) = self.deadletter_writer.take() {
+            self.tracker.spawn(writer);
+        }
         let shared = self.shared.clone();
         let shutdown = shared.shutdown.clone();
         let local = listener.local_addr().ok();
@@ -100,6 +148,10 @@ impl Server {
                     registry: shared.registry.clone(),
                     tls: shared.tls.clone(),
                     token: admin_cfg.token,
+                    schemas: shared.schemas.clone(),
+                    schemas_dir: shared.config.schemas_dir.clone(),
+                    rejections: shared.rejections.clone(),
+                    deadletters: self.deadletter_store.clone(),
                 };
                 let token = shutdown.clone();
                 self.tracker.spawn(async move {
@@ -176,6 +228,25 @@ impl Server {
             Ok(r) => r,
             Err(e) => Err(TlsError::Verifier(format!("reload task failed: {e}"))),
         }
+    }
+}
+
+impl Server {
+    /// Loads the schema directory again and swaps it in as a whole; on any error the previous
+    /// set stays in force. Returns the number of device types loaded.
+    pub async fn reload_schemas(
+        schemas: Arc<ArcSwap<SchemaSet>>,
+        dir: std::path::PathBuf,
+    ) -> Result<usize, SchemaError> {
+        let loaded = tokio::task::spawn_blocking(move || SchemaSet::load(&dir))
+            .await
+            .map_err(|e| SchemaError::Dir {
+                path: Default::default(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        let n = loaded.device_types().count();
+        schemas.store(Arc::new(loaded));
+        Ok(n)
     }
 }
 

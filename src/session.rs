@@ -16,11 +16,21 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use arc_swap::ArcSwap;
+use tokio_tungstenite::tungstenite::Message;
+
 use crate::backend::{Connector, DeviceIdentity};
 use crate::config::{Config, StaleCrlPolicy};
+use crate::deadletter::DeadLetterSink;
 use crate::error::Refusal;
+use crate::frames::Encoding;
 use crate::identity::{check_certificate, check_device, PeerCertificate};
+use crate::policy::{self, Direction, InvalidFrameLimit};
 use crate::registry::Registry;
+use crate::rejections::{LogDecision, LogLimiter, RejectionStats};
+use crate::relay::{Inspector, Verdict};
+use crate::routing::Route;
+use crate::schema::{SchemaKind, SchemaSet};
 use crate::tls::TlsState;
 use crate::upgrade::{self, Parsed, UpgradeRequest};
 
@@ -31,8 +41,19 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub connector: Connector,
     pub shutdown: CancellationToken,
+    pub schemas: Arc<ArcSwap<SchemaSet>>,
+    pub rejections: Arc<RejectionStats>,
+    pub deadletters: DeadLetterSink,
+    pub rejection_log: LogLimiter,
     boot_id: u64,
     next_connection: AtomicU64,
+}
+
+/// The frame-validation services sessions use.
+pub struct FrameServices {
+    pub schemas: Arc<ArcSwap<SchemaSet>>,
+    pub rejections: Arc<RejectionStats>,
+    pub deadletters: DeadLetterSink,
 }
 
 impl Shared {
@@ -41,6 +62,7 @@ impl Shared {
         tls: Arc<TlsState>,
         registry: Arc<Registry>,
         connector: Connector,
+        frames: FrameServices,
         shutdown: CancellationToken,
     ) -> Self {
         let boot_id = std::time::SystemTime::now()
@@ -53,6 +75,10 @@ impl Shared {
             registry,
             connector,
             shutdown,
+            schemas: frames.schemas,
+            rejections: frames.rejections,
+            deadletters: frames.deadletters,
+            rejection_log: LogLimiter::new(crate::rejections::DEFAULT_LOG_LINES_PER_SECOND),
             boot_id,
             next_connection: AtomicU64::new(1),
         }
@@ -80,8 +106,81 @@ struct Upgraded {
     backend: crate::backend::BackendSocket,
     device_id: String,
     device_type: String,
-    route: String,
+    route: Arc<Route>,
     backend_url: String,
+}
+
+/// Validates a session's frames and records what it rejects.
+struct SessionInspector<'a> {
+    shared: &'a Shared,
+    device_id: &'a str,
+    device_type: &'a str,
+    route: &'a Route,
+    limit: InvalidFrameLimit,
+    rejected: u64,
+}
+
+impl Inspector for SessionInspector<'_> {
+    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
+        let schemas = self.shared.schemas.load();
+        let result = policy::check_frame(
+            &schemas,
+            self.device_type,
+            self.route.kind,
+            direction,
+            msg,
+            self.shared.config.limits,
+        );
+        let Err((encoding, rejection)) = result else {
+            return Verdict::Forward;
+        };
+        self.rejected += 1;
+        let code = rejection.code.as_str();
+        self.shared
+            .rejections
+            .count(self.device_type, &self.route.subprotocol, code);
+        let payload: &[u8] = match msg {
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+            _ => &[],
+        };
+        let encoding_name = match encoding {
+            Encoding::Json => "json",
+            Encoding::Cbor => "cbor",
+        };
+        self.shared.deadletters.send(crate::deadletter::letter(
+            self.device_id,
+            &self.route.subprotocol,
+            direction.as_str(),
+            encoding_name,
+            &rejection,
+            payload,
+            self.shared.config.deadletter.max_payload_bytes,
+        ));
+        if let LogDecision::Log { suppressed_before } =
+            self.shared.rejection_log.check(Instant::now())
+        {
+            tracing::info!(
+                device.id = %self.device_id,
+                device.r#type = %self.device_type,
+                route = %self.route.subprotocol,
+                direction = direction.as_str(),
+                reason = code,
+                pointer = %rejection.pointer,
+                suppressed_before,
+                "frame rejected"
+            );
+        }
+        if direction == Direction::Up && self.limit.record(Instant::now()) {
+            return Verdict::RejectAndClose;
+        }
+        let reply = self
+            .route
+            .frames
+            .error_replies
+            .then(|| policy::error_message(encoding, &rejection));
+        Verdict::Reject { reply }
+    }
 }
 
 /// Handles one accepted TCP connection until it ends.
@@ -118,24 +217,38 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             route,
             backend_url,
         } = *upgraded;
-        tracing::debug!(device.id = %device_id, route = %route, backend = %backend_url, "session open");
+        tracing::debug!(device.id = %device_id, route = %route.subprotocol, backend = %backend_url, "session open");
+        let mut inspector = SessionInspector {
+            shared: &shared,
+            device_id: &device_id,
+            device_type: &device_type,
+            route: &route,
+            limit: InvalidFrameLimit::new(
+                route.frames.invalid_frame_limit,
+                route.frames.invalid_frame_window,
+            ),
+            rejected: 0,
+        };
         let (end, stats) = crate::relay::relay(
             &mut device,
             &mut backend,
             &shared.shutdown,
             shared.config.close_timeout,
+            &mut inspector,
         )
         .await;
+        let rejected = inspector.rejected;
         tracing::info!(
             device.id = %device_id,
             device.r#type = %device_type,
-            route = %route,
+            route = %route.subprotocol,
             backend = %backend_url,
             duration_ms = started.elapsed().as_millis() as u64,
             frames.up = stats.up.frames,
             bytes.up = stats.up.bytes,
             frames.down = stats.down.frames,
             bytes.down = stats.down.bytes,
+            frames.rejected = rejected,
             close.code = end.logged_code(),
             close.by = end.closer().as_str(),
             "session ended"
@@ -257,7 +370,7 @@ async fn handshake(
         backend,
         device_id: device.id.clone(),
         device_type: device.device_type.clone(),
-        route: route.subprotocol.clone(),
+        route: route.clone(),
         backend_url: backend_url.url.clone(),
     })))
 }
@@ -298,6 +411,20 @@ fn admit(
                 Some(device.id.clone()),
             )
         })?;
+    let required = SchemaKind::required_by(route.kind);
+    if shared
+        .schemas
+        .load()
+        .get(&device.device_type, required)
+        .is_none()
+    {
+        return Err((
+            Refusal::NoSchema {
+                file: required.file_name(),
+            },
+            Some(device.id.clone()),
+        ));
+    }
     let device = record.ok_or((Refusal::UnknownDevice, None))?;
     Ok((device, route))
 }

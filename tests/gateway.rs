@@ -48,18 +48,8 @@ async fn telemetry_and_control_reach_the_backend_of_their_subprotocol() {
     let (mut dev, resp) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], "telemetry.v1");
     let mut be = ingest.next().await;
-    dev.send(Message::text(r#"{"temp":21.5}"#)).await.unwrap();
-    assert_eq!(
-        next_msg(&mut be.ws).await,
-        Message::text(r#"{"temp":21.5}"#)
-    );
-    dev.send(Message::binary(vec![0xa1, 0x61, 0x74, 0x18, 0x15]))
-        .await
-        .unwrap();
-    assert_eq!(
-        next_msg(&mut be.ws).await,
-        Message::binary(vec![0xa1, 0x61, 0x74, 0x18, 0x15])
-    );
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
 
     // The lock offers control first: it gets the control backend.
     let (mut lock_dev, resp) = gw
@@ -69,20 +59,20 @@ async fn telemetry_and_control_reach_the_backend_of_their_subprotocol() {
     assert_eq!(resp.headers()["sec-websocket-protocol"], "control.v1");
     let mut cbe = control.next().await;
     cbe.ws
-        .send(Message::text(r#"{"id":1,"cmd":"unlock"}"#))
+        .send(Message::text(r#"{"id":1,"command":"unlock"}"#))
         .await
         .unwrap();
     assert_eq!(
         next_msg(&mut lock_dev).await,
-        Message::text(r#"{"id":1,"cmd":"unlock"}"#)
+        Message::text(r#"{"id":1,"command":"unlock"}"#)
     );
     lock_dev
-        .send(Message::text(r#"{"id":1,"ok":true}"#))
+        .send(Message::text(r#"{"id":1,"status":"ok"}"#))
         .await
         .unwrap();
     assert_eq!(
         next_msg(&mut cbe.ws).await,
-        Message::text(r#"{"id":1,"ok":true}"#)
+        Message::text(r#"{"id":1,"status":"ok"}"#)
     );
     assert!(
         ingest.conns.try_recv().is_err(),
@@ -523,11 +513,16 @@ async fn oversized_messages_close_with_1009() {
 #[tokio::test]
 async fn a_backend_that_stops_reading_slows_the_device_down() {
     let mut ingest = Backend::start().await;
-    let gw = Gateway::start(Options::new(vec![telemetry_route(vec![ingest.url("/")])])).await;
+    let schemas = tempfile::tempdir().unwrap();
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.schemas_dir = Some(permissive_schemas(schemas.path()));
+    let gw = Gateway::start(options).await;
     let sensor = gw.enroll("s1", "env-sensor");
     let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     let mut be = ingest.next().await; // accepted, never read until the end
-    let chunk = vec![7u8; 60 * 1024];
+                                      // A valid CBOR byte string of 60 KiB (the schema here accepts anything).
+    let mut chunk = vec![0x5a, 0x00, 0x00, 0xf0, 0x00];
+    chunk.resize(5 + 60 * 1024, 7u8);
     let limit: usize = 256 << 20;
     let mut sent = 0usize;
     // Keep sending until a send cannot complete: the gateway stopped reading from the device.
@@ -579,7 +574,7 @@ async fn wss_backend_gets_the_gateways_client_certificate() {
         "the gateway must present its client certificate"
     );
     assert_eq!(be.headers["x-gatehouse-device-id"], "s-wss");
-    dev.send(Message::text("{}")).await.unwrap();
-    assert_eq!(next_msg(&mut be.ws).await, Message::text("{}"));
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
     gw.stop().await;
 }

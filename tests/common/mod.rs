@@ -186,6 +186,8 @@ pub struct RouteSpec {
     pub kind: &'static str,
     pub device_types: Vec<&'static str>,
     pub backends: Vec<String>,
+    /// More keys for this [[route]] (frame rules).
+    pub extra: &'static str,
 }
 
 pub struct Options {
@@ -194,7 +196,12 @@ pub struct Options {
     pub session_resumption: bool,
     pub handshake_timeout_ms: u64,
     pub max_message_bytes: usize,
+    /// More keys for the [backend] section.
     pub extra: String,
+    /// Schema directory; the repository's `schemas/` when `None`.
+    pub schemas_dir: Option<PathBuf>,
+    /// More sections at the end of the file.
+    pub tail: String,
 }
 
 impl Options {
@@ -206,6 +213,8 @@ impl Options {
             handshake_timeout_ms: 5000,
             max_message_bytes: 65536,
             extra: String::new(),
+            schemas_dir: None,
+            tail: String::new(),
         }
     }
 }
@@ -220,6 +229,8 @@ pub struct Gateway {
     pub ca: CertificateAuthority,
     pub registry: Arc<Registry>,
     pub tls: Arc<gatehouse::tls::TlsState>,
+    pub deadletters: Arc<gatehouse::deadletter::DeadLetterStore>,
+    pub schemas: Arc<arc_swap::ArcSwap<gatehouse::schema::SchemaSet>>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     revoked: std::sync::Mutex<Vec<Revocation>>,
@@ -259,8 +270,8 @@ impl Gateway {
         let mut routes = String::new();
         for r in &options.routes {
             routes.push_str(&format!(
-                "[[route]]\nsubprotocol = {:?}\nkind = {:?}\ndevice_types = {:?}\nbackends = {:?}\n\n",
-                r.subprotocol, r.kind, r.device_types, r.backends
+                "[[route]]\nsubprotocol = {:?}\nkind = {:?}\ndevice_types = {:?}\nbackends = {:?}\n{}\n\n",
+                r.subprotocol, r.kind, r.device_types, r.backends, r.extra
             ));
         }
         let text = format!(
@@ -291,15 +302,27 @@ token_file = "admin.token"
 max_message_bytes = {max_msg}
 max_frame_bytes = {max_msg}
 
+[schemas]
+dir = {schemas:?}
+
 [backend]
 connect_timeout_ms = 2000
 {extra}
-{routes}"#,
+{routes}
+{tail}"#,
             hs = options.handshake_timeout_ms,
             stale = options.stale_crl,
             resume = options.session_resumption,
             max_msg = options.max_message_bytes,
             extra = options.extra,
+            schemas =
+                options
+                    .schemas_dir
+                    .clone()
+                    .unwrap_or_else(
+                        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")
+                    ),
+            tail = options.tail,
         );
         let config_path = dir.path().join("gatehouse.toml");
         std::fs::write(&config_path, text).unwrap();
@@ -309,6 +332,8 @@ connect_timeout_ms = 2000
         let server = Server::new(config, shutdown.clone()).unwrap();
         let registry = server.registry();
         let tls = server.tls();
+        let deadletters = server.deadletters();
+        let schemas = server.schemas();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -325,6 +350,8 @@ connect_timeout_ms = 2000
             ca,
             registry,
             tls,
+            deadletters,
+            schemas,
             shutdown,
             task,
             revoked: std::sync::Mutex::new(Vec::new()),
@@ -388,6 +415,19 @@ connect_timeout_ms = 2000
         ConnectError,
     > {
         connect(self.addr, self.client_config(cert), protocols, &[]).await
+    }
+
+    /// Waits until the dead-letter writer has stored `n` frames in all.
+    pub async fn dead_letters_stored(&self, n: u64) {
+        let mut rx = self.deadletters.stored();
+        within(rx.wait_for(|stored| *stored >= n)).await.unwrap();
+    }
+
+    pub fn admin_client(&self) -> gatehouse::admin::AdminClient {
+        gatehouse::admin::AdminClient::new(
+            self.admin_addr,
+            gatehouse::config::AdminToken::new(&self.admin_token).unwrap(),
+        )
     }
 
     pub async fn stop(self) {
@@ -522,6 +562,7 @@ pub fn telemetry_route(backends: Vec<String>) -> RouteSpec {
         kind: "telemetry",
         device_types: vec!["env-sensor", "door-lock"],
         backends,
+        extra: "",
     }
 }
 
@@ -531,5 +572,27 @@ pub fn control_route(backends: Vec<String>) -> RouteSpec {
         kind: "control",
         device_types: vec!["door-lock"],
         backends,
+        extra: "",
     }
+}
+
+/// A valid env-sensor reading (JSON).
+pub fn reading(seq: u64) -> String {
+    format!(
+        r#"{{"type":"reading","seq":{seq},"ts":1764000000000,"temperature_c":21.5,"humidity_pct":40.0}}"#
+    )
+}
+
+/// A schema directory whose schemas accept anything (for tests about the relay itself).
+pub fn permissive_schemas(dir: &std::path::Path) -> PathBuf {
+    for (t, kinds) in [
+        ("env-sensor", vec!["telemetry"]),
+        ("door-lock", vec!["telemetry", "command"]),
+    ] {
+        std::fs::create_dir_all(dir.join(t)).unwrap();
+        for k in kinds {
+            std::fs::write(dir.join(t).join(format!("{k}.schema.json")), "{}").unwrap();
+        }
+    }
+    dir.to_path_buf()
 }

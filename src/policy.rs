@@ -1,0 +1,221 @@
+//! Per-session frame policy, pure: which schema a frame needs (by route kind and direction),
+//! decode plus validate, the error frame to send back, and the invalid-frame limit per time
+//! window. Takes time as an argument; no I/O. The relay asks it about every data frame; the
+//! session records what it rejected (`deadletter`, `stats`).
+
+use std::time::{Duration, Instant};
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::frames::{self, DecodeLimits, Encoding, Rejection};
+use crate::routing::RouteKind;
+use crate::schema::{self, SchemaKind, SchemaSet};
+
+/// Which way a frame travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Device to backend.
+    Up,
+    /// Backend to device.
+    Down,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "device-to-backend",
+            Direction::Down => "backend-to-device",
+        }
+    }
+}
+
+/// The schema a frame in `direction` on a route of `kind` is checked against. `None`: the
+/// frame is forwarded unchecked (backend to device on telemetry routes).
+pub fn schema_kind(kind: RouteKind, direction: Direction) -> Option<SchemaKind> {
+    match (kind, direction) {
+        (RouteKind::Telemetry, Direction::Up) => Some(SchemaKind::Telemetry),
+        (RouteKind::Telemetry, Direction::Down) => None,
+        (RouteKind::Control, Direction::Up) => Some(SchemaKind::Response),
+        (RouteKind::Control, Direction::Down) => Some(SchemaKind::Command),
+    }
+}
+
+/// Checks one data frame. `Ok` means forward it. A missing optional schema (a control route's
+/// response schema) means the frame is forwarded unchecked.
+pub fn check_frame(
+    schemas: &SchemaSet,
+    device_type: &str,
+    kind: RouteKind,
+    direction: Direction,
+    msg: &Message,
+    limits: DecodeLimits,
+) -> Result<(), (Encoding, Rejection)> {
+    let (encoding, bytes): (Encoding, &[u8]) = match msg {
+        Message::Text(t) => (Encoding::Json, t.as_bytes()),
+        Message::Binary(b) => (Encoding::Cbor, b),
+        _ => return Ok(()),
+    };
+    let Some(schema_kind) = schema_kind(kind, direction) else {
+        return Ok(());
+    };
+    let Some(validator) = schemas.get(device_type, schema_kind) else {
+        // Required schemas were checked at the handshake; an optional one may be absent.
+        return Ok(());
+    };
+    let value = frames::decode(encoding, bytes, limits).map_err(|r| (encoding, r))?;
+    schema::validate(validator, &value).map_err(|mut r| {
+        r.id = frames::frame_id(&value);
+        (encoding, r)
+    })
+}
+
+/// The reply frame for a rejection, in the sender's encoding.
+pub fn error_message(encoding: Encoding, rejection: &Rejection) -> Message {
+    let bytes = frames::error_frame(encoding, rejection);
+    match encoding {
+        Encoding::Json => Message::text(String::from_utf8_lossy(&bytes).into_owned()),
+        Encoding::Cbor => Message::binary(bytes),
+    }
+}
+
+/// Counts invalid frames in a fixed window; `record` says when the limit is passed.
+#[derive(Debug, Clone)]
+pub struct InvalidFrameLimit {
+    limit: u32,
+    window: Duration,
+    started: Option<Instant>,
+    count: u32,
+}
+
+impl InvalidFrameLimit {
+    pub fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            limit,
+            window,
+            started: None,
+            count: 0,
+        }
+    }
+
+    /// Records one invalid frame at `now`; true when this one exceeds the limit.
+    pub fn record(&mut self, now: Instant) -> bool {
+        match self.started {
+            Some(start) if now.duration_since(start) < self.window => self.count += 1,
+            _ => {
+                self.started = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count > self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_counts_within_a_window() {
+        let t0 = Instant::now();
+        let mut l = InvalidFrameLimit::new(2, Duration::from_secs(10));
+        assert!(!l.record(t0));
+        assert!(!l.record(t0 + Duration::from_secs(1)));
+        assert!(l.record(t0 + Duration::from_secs(2)));
+        // A new window starts after the old one ends.
+        let mut l = InvalidFrameLimit::new(2, Duration::from_secs(10));
+        assert!(!l.record(t0));
+        assert!(!l.record(t0 + Duration::from_secs(1)));
+        assert!(!l.record(t0 + Duration::from_secs(11)));
+        assert!(!l.record(t0 + Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn schema_by_route_and_direction() {
+        assert_eq!(
+            schema_kind(RouteKind::Telemetry, Direction::Up),
+            Some(SchemaKind::Telemetry)
+        );
+        assert_eq!(schema_kind(RouteKind::Telemetry, Direction::Down), None);
+        assert_eq!(
+            schema_kind(RouteKind::Control, Direction::Down),
+            Some(SchemaKind::Command)
+        );
+        assert_eq!(
+            schema_kind(RouteKind::Control, Direction::Up),
+            Some(SchemaKind::Response)
+        );
+    }
+
+    #[test]
+    fn frames_checked_against_the_shipped_schemas() {
+        let set =
+            SchemaSet::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"))
+                .unwrap();
+        let limits = DecodeLimits { max_depth: 16 };
+        let ok = Message::text(
+            r#"{"type":"reading","seq":1,"ts":1,"temperature_c":21.5,"humidity_pct":40}"#,
+        );
+        assert!(check_frame(
+            &set,
+            "env-sensor",
+            RouteKind::Telemetry,
+            Direction::Up,
+            &ok,
+            limits
+        )
+        .is_ok());
+        let hot = Message::text(
+            r#"{"id":"r1","type":"reading","seq":1,"ts":1,"temperature_c":121.5,"humidity_pct":40}"#,
+        );
+        let (enc, r) = check_frame(
+            &set,
+            "env-sensor",
+            RouteKind::Telemetry,
+            Direction::Up,
+            &hot,
+            limits,
+        )
+        .unwrap_err();
+        assert_eq!(enc, Encoding::Json);
+        assert_eq!(r.pointer, "/temperature_c");
+        assert_eq!(r.id, Some(serde_json::json!("r1")));
+        let mut cbor = Vec::new();
+        ciborium::into_writer(
+            &serde_json::json!({"id": 5, "command": "explode"}),
+            &mut cbor,
+        )
+        .unwrap();
+        let (enc, r) = check_frame(
+            &set,
+            "door-lock",
+            RouteKind::Control,
+            Direction::Down,
+            &Message::binary(cbor),
+            limits,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (enc, r.pointer.as_str(), r.id),
+            (Encoding::Cbor, "/command", Some(serde_json::json!(5)))
+        );
+        // Anything goes down a telemetry route; pings are never checked.
+        assert!(check_frame(
+            &set,
+            "env-sensor",
+            RouteKind::Telemetry,
+            Direction::Down,
+            &Message::text("x"),
+            limits
+        )
+        .is_ok());
+        assert!(check_frame(
+            &set,
+            "env-sensor",
+            RouteKind::Telemetry,
+            Direction::Up,
+            &Message::Ping(vec![1].into()),
+            limits
+        )
+        .is_ok());
+    }
+}

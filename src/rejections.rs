@@ -1,0 +1,151 @@
+//! Rejection accounting: a counter per (device type, route, reason), and a limiter that keeps
+//! the rejection log from flooding (a burst per second, then a count of what was suppressed).
+//! In memory; the admin API reads the counters.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Rejection log lines allowed per second before they are suppressed and counted.
+pub const DEFAULT_LOG_LINES_PER_SECOND: u32 = 20;
+
+/// One counter row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RejectionCount {
+    pub device_type: String,
+    pub route: String,
+    pub reason: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct RejectionStats {
+    counts: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+}
+
+impl RejectionStats {
+    pub fn count(&self, device_type: &str, route: &str, reason: &'static str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        // Look up before inserting so the common case allocates nothing.
+        if let Some(n) = counts.get_mut(&(device_type.to_string(), route.to_string(), reason)) {
+            *n += 1;
+        } else {
+            counts.insert((device_type.to_string(), route.to_string(), reason), 1);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<RejectionCount> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .iter()
+            .map(|((t, r, why), n)| RejectionCount {
+                device_type: t.clone(),
+                route: r.clone(),
+                reason: (*why).to_string(),
+                count: *n,
+            })
+            .collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+/// Allows `per_second` events per one-second window; reports how many were suppressed in
+/// the previous window when a new one opens.
+#[derive(Debug)]
+pub struct LogLimiter {
+    per_second: u32,
+    state: Mutex<(Option<Instant>, u32, u64)>,
+}
+
+/// What the limiter says about one event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogDecision {
+    /// Log it; `suppressed_before` lines were dropped in the previous window.
+    Log {
+        suppressed_before: u64,
+    },
+    Suppress,
+}
+
+impl LogLimiter {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: Mutex::new((None, 0, 0)),
+        }
+    }
+
+    pub fn check(&self, now: Instant) -> LogDecision {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, used, suppressed) = &mut *s;
+        match start {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(1) => {}
+            _ => {
+                *start = Some(now);
+                *used = 0;
+            }
+        }
+        if *used < self.per_second {
+            *used += 1;
+            let before = std::mem::take(suppressed);
+            LogDecision::Log {
+                suppressed_before: before,
+            }
+        } else {
+            *suppressed += 1;
+            LogDecision::Suppress
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_allows_a_burst_then_counts() {
+        let l = LogLimiter::new(2);
+        let t = Instant::now();
+        assert_eq!(
+            l.check(t),
+            LogDecision::Log {
+                suppressed_before: 0
+            }
+        );
+        assert_eq!(
+            l.check(t),
+            LogDecision::Log {
+                suppressed_before: 0
+            }
+        );
+        assert_eq!(l.check(t), LogDecision::Suppress);
+        assert_eq!(l.check(t), LogDecision::Suppress);
+        assert_eq!(
+            l.check(t + Duration::from_secs(1)),
+            LogDecision::Log {
+                suppressed_before: 2
+            }
+        );
+    }
+
+    #[test]
+    fn counters_by_type_route_reason() {
+        let s = RejectionStats::default();
+        s.count("lock", "control.v1", "schema-violation");
+        s.count("lock", "control.v1", "schema-violation");
+        s.count("sensor", "telemetry.v1", "malformed");
+        assert_eq!(s.total(), 3);
+        let snap = s.snapshot();
+        assert_eq!(snap[0].count, 2);
+        assert_eq!(snap[1].reason, "malformed");
+    }
+}

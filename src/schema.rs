@@ -1,0 +1,238 @@
+//! Per-device-type schemas: loads `schemas/<type>/{telemetry,command,response}.schema.json`,
+//! compiles each once (JSON Schema 2020-12, `jsonschema`), and validates decoded frames. A
+//! whole set is loaded or none is, so a broken file on reload leaves the previous set in
+//! force. Decoding the frame is `frames`'s job; which schema a frame needs is `FramePolicy`'s.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::frames::{RejectCode, Rejection};
+use crate::routing::{RouteKind, RouteTable};
+
+/// Longest validation message sent back in an error frame.
+pub const MAX_MESSAGE_BYTES: usize = 200;
+
+/// Which of a type's schemas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SchemaKind {
+    /// Device to backend on telemetry routes.
+    Telemetry,
+    /// Backend to device on control routes.
+    Command,
+    /// Device to backend on control routes (optional).
+    Response,
+}
+
+impl SchemaKind {
+    pub const ALL: [SchemaKind; 3] = [
+        SchemaKind::Telemetry,
+        SchemaKind::Command,
+        SchemaKind::Response,
+    ];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            SchemaKind::Telemetry => "telemetry.schema.json",
+            SchemaKind::Command => "command.schema.json",
+            SchemaKind::Response => "response.schema.json",
+        }
+    }
+
+    /// The schema a route of `kind` cannot do without.
+    pub fn required_by(kind: RouteKind) -> SchemaKind {
+        match kind {
+            RouteKind::Telemetry => SchemaKind::Telemetry,
+            RouteKind::Control => SchemaKind::Command,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schema directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("schema file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// Every compiled schema, by device type.
+#[derive(Default)]
+pub struct SchemaSet {
+    types: BTreeMap<String, BTreeMap<SchemaKind, jsonschema::Validator>>,
+}
+
+impl std::fmt::Debug for SchemaSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut m = f.debug_map();
+        for (t, kinds) in &self.types {
+            m.entry(t, &kinds.keys().collect::<Vec<_>>());
+        }
+        m.finish()
+    }
+}
+
+impl SchemaSet {
+    /// Loads every `<type>/<kind>.schema.json` under `dir`.
+    pub fn load(dir: &Path) -> Result<Self, SchemaError> {
+        let dir_err = |source| SchemaError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut set = SchemaSet::default();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(dir_err)?
+            .collect::<Result<_, _>>()
+            .map_err(dir_err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if gatehouse_pki::validate_device_type(&name).is_err() {
+                return Err(SchemaError::File {
+                    path,
+                    reason: "directory name is not a valid device type (a-z 0-9 _ -, starting with a letter)".into(),
+                });
+            }
+            let mut kinds = BTreeMap::new();
+            for kind in SchemaKind::ALL {
+                let file = path.join(kind.file_name());
+                if !file.exists() {
+                    continue;
+                }
+                kinds.insert(kind, compile(&file)?);
+            }
+            set.types.insert(name, kinds);
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, device_type: &str, kind: SchemaKind) -> Option<&jsonschema::Validator> {
+        self.types.get(device_type)?.get(&kind)
+    }
+
+    pub fn device_types(&self) -> impl Iterator<Item = (&String, Vec<SchemaKind>)> {
+        self.types
+            .iter()
+            .map(|(t, k)| (t, k.keys().copied().collect()))
+    }
+
+    /// Every (route, device type, file) a route needs but the set lacks.
+    pub fn missing_for(&self, routes: &RouteTable) -> Vec<(String, String, &'static str)> {
+        let mut out = Vec::new();
+        for route in routes.iter() {
+            let kind = SchemaKind::required_by(route.kind);
+            for t in &route.device_types {
+                if self.get(t, kind).is_none() {
+                    out.push((route.subprotocol.clone(), t.clone(), kind.file_name()));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn compile(file: &Path) -> Result<jsonschema::Validator, SchemaError> {
+    let err = |reason: String| SchemaError::File {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read(file).map_err(|e| err(e.to_string()))?;
+    let schema: Value = serde_json::from_slice(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+    jsonschema::draft202012::options()
+        .build(&schema)
+        .map_err(|e| err(format!("not a valid JSON Schema 2020-12: {e}")))
+}
+
+/// Validates a decoded frame; the rejection names the first failing place.
+pub fn validate(validator: &jsonschema::Validator, value: &Value) -> Result<(), Rejection> {
+    if validator.is_valid(value) {
+        return Ok(());
+    }
+    match validator.validate(value) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let mut message = e.to_string();
+            if message.len() > MAX_MESSAGE_BYTES {
+                let mut cut = MAX_MESSAGE_BYTES;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                message.truncate(cut);
+                message.push_str("...");
+            }
+            Err(Rejection::new(
+                RejectCode::SchemaViolation,
+                e.instance_path().to_string(),
+                message,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The shipped schemas compile, and there is at least one type with each kind of schema.
+    #[test]
+    fn shipped_schemas_compile() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let set = SchemaSet::load(&dir).unwrap();
+        let types: Vec<_> = set.device_types().collect();
+        assert!(types.len() >= 2, "{types:?}");
+        for kind in SchemaKind::ALL {
+            assert!(
+                types.iter().any(|(_, k)| k.contains(&kind)),
+                "no {kind:?} schema shipped"
+            );
+        }
+    }
+
+    #[test]
+    fn validation_names_the_failing_field() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("thermo")).unwrap();
+        std::fs::write(
+            dir.path().join("thermo/telemetry.schema.json"),
+            r#"{"type":"object","required":["t"],"properties":{"t":{"type":"number","minimum":-40}}}"#,
+        )
+        .unwrap();
+        let set = SchemaSet::load(dir.path()).unwrap();
+        let v = set.get("thermo", SchemaKind::Telemetry).unwrap();
+        assert!(validate(v, &json!({"t": 3})).is_ok());
+        let r = validate(v, &json!({"t": -41})).unwrap_err();
+        assert_eq!(
+            (r.code, r.pointer.as_str()),
+            (RejectCode::SchemaViolation, "/t")
+        );
+        assert!(set.get("thermo", SchemaKind::Command).is_none());
+    }
+
+    #[test]
+    fn a_broken_file_fails_the_whole_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("thermo")).unwrap();
+        std::fs::write(
+            dir.path().join("thermo/telemetry.schema.json"),
+            r#"{"type":"objekt"}"#,
+        )
+        .unwrap();
+        let err = SchemaSet::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("telemetry.schema.json"), "{err}");
+        std::fs::write(dir.path().join("thermo/telemetry.schema.json"), "{").unwrap();
+        assert!(SchemaSet::load(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not JSON"));
+    }
+}
