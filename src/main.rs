@@ -43,6 +43,20 @@ enum Command {
         #[arg(long, env = "GATEHOUSE_CONFIG")]
         config: PathBuf,
     },
+    /// Show a device's rejected frames (the dead-letter store), oldest first.
+    Deadletters {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+        id: String,
+        /// JSON lines instead of a readable listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running gateway to reload TLS material and schemas (like SIGHUP).
+    Reload {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+    },
     /// Manage the device registry (through the admin API while the gateway runs).
     Devices {
         #[arg(long, env = "GATEHOUSE_CONFIG")]
@@ -163,12 +177,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(", ")
                 );
             }
+            let schemas = gatehouse::schema::SchemaSet::load(&config.schemas_dir)?;
+            for (t, kinds) in schemas.device_types() {
+                let names: Vec<&str> = kinds.iter().map(|k| k.file_name()).collect();
+                println!("  schemas {:<14} {}", t, names.join(", "));
+            }
+            let missing = schemas.missing_for(&config.routes);
+            for (route, device_type, file) in &missing {
+                println!(
+                    "error: route {route} allows device type {device_type} but {} is missing",
+                    config.schemas_dir.join(device_type).join(file).display()
+                );
+            }
+            if !missing.is_empty() {
+                bail!("{} schema file(s) missing: devices of those types would be refused on those routes", missing.len());
+            }
             if stale > 0 {
                 println!("warning: {stale} CRL(s) are past their next update (tls.stale_crl decides what happens)");
             }
             Ok(())
         }
         Command::Devices { config, command } => devices(&Config::load(&config)?, command),
+        Command::Deadletters { config, id, json } => {
+            deadletters(&Config::load(&config)?, &id, json)
+        }
+        Command::Reload { config } => {
+            let config = Config::load(&config)?;
+            let Some(admin) = &config.admin else {
+                bail!("no [admin] section: send SIGHUP to the gateway instead");
+            };
+            let client = AdminClient::new(admin.listen, admin.token.clone());
+            client.reload_tls()?;
+            client.reload_schemas()?;
+            println!("TLS material and schemas reloaded");
+            Ok(())
+        }
     }
 }
 
@@ -260,6 +303,52 @@ fn manifest_enrollments(path: &Path) -> anyhow::Result<Vec<Enrollment>> {
         });
     }
     Ok(out)
+}
+
+fn deadletters(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
+    gatehouse_pki::validate_device_id(id)?;
+    let letters = match access(config)? {
+        Access::Admin(c) => c.deadletters(id)?,
+        Access::Direct(r) => {
+            if r.get(id).is_none() {
+                bail!(RegistryError::UnknownDevice(id.to_string()));
+            }
+            gatehouse::deadletter::DeadLetterStore::open(r.db(), config.deadletter.per_device)?
+                .list(id)?
+        }
+    };
+    for l in &letters {
+        if json {
+            println!("{}", serde_json::to_string(l)?);
+            continue;
+        }
+        let payload = l.payload();
+        let shown = if l.encoding == "json" {
+            String::from_utf8_lossy(&payload).into_owned()
+        } else {
+            format!("cbor {}", hex::encode(&payload))
+        };
+        println!(
+            "#{} {} {} {} {} at {:?}: {}\n    {}{}",
+            l.seq,
+            l.time,
+            l.route,
+            l.direction,
+            l.code,
+            l.pointer,
+            l.message,
+            shown,
+            if l.truncated {
+                format!(" ... ({} bytes in all)", l.payload_len)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !json && letters.is_empty() {
+        println!("no rejected frames stored for {id}");
+    }
+    Ok(())
 }
 
 fn print_device(d: &Device) {

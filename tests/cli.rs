@@ -32,6 +32,8 @@ client_ca = "pki/ca.pem"
 crl = ["pki/crl.pem"]
 [registry]
 path = "registry"
+[schemas]
+dir = {schemas:?}
 [admin]
 listen = "127.0.0.1:{}"
 token_file = "admin.token"
@@ -46,7 +48,8 @@ backends = ["ws://127.0.0.1:9/"]
             .unwrap()
             .local_addr()
             .unwrap()
-            .port()
+            .port(),
+        schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"),
     );
     let path = tmp.path().join("gatehouse.toml");
     std::fs::write(&path, config).unwrap();

@@ -37,6 +37,8 @@ client_ca = "pki/ca.pem"
 crl = ["pki/crl.pem"]
 [registry]
 path = "registry"
+[schemas]
+dir = "$PWD/schemas"
 [[route]]
 subprotocol = "telemetry.v1"
 kind = "telemetry"

@@ -25,6 +25,30 @@ pub struct DemoOptions {
     pub keep: bool,
 }
 
+/// The shipped schemas, embedded so the demo runs from any directory.
+const SCHEMAS: &[(&str, &str, &str)] = &[
+    (
+        "env-sensor",
+        "telemetry.schema.json",
+        include_str!("../../schemas/env-sensor/telemetry.schema.json"),
+    ),
+    (
+        "door-lock",
+        "telemetry.schema.json",
+        include_str!("../../schemas/door-lock/telemetry.schema.json"),
+    ),
+    (
+        "door-lock",
+        "command.schema.json",
+        include_str!("../../schemas/door-lock/command.schema.json"),
+    ),
+    (
+        "door-lock",
+        "response.schema.json",
+        include_str!("../../schemas/door-lock/response.schema.json"),
+    ),
+];
+
 fn enrollment(entry: &gatehouse_pki::ManifestEntry) -> Enrollment {
     Enrollment {
         id: entry.id.clone(),
@@ -114,10 +138,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     println!("[2] backends: ingest {ingest_url}, control {control_url}");
 
     // 3. Gateway config, registry, gateway.
-    std::fs::write(
-        dir.join("admin.token"),
-        "demo-admin-token-not-for-production\n",
-    )?;
+    for (device_type, file, text) in SCHEMAS {
+        std::fs::create_dir_all(dir.join("schemas").join(device_type))?;
+        std::fs::write(dir.join("schemas").join(device_type).join(file), text)?;
+    }
     let config_text = format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -131,6 +155,9 @@ crl = ["pki/crl.pem"]
 
 [registry]
 path = "registry"
+
+[schemas]
+dir = "schemas"
 
 [[route]]
 subprotocol = "telemetry.v1"
