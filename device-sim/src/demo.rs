@@ -70,6 +70,77 @@ pub struct DemoSummary {
     pub commands_sent: u64,
     pub commands_answered: u64,
     pub responses_delivered: u64,
+    /// What the faulty sensor got back for each frame.
+    pub faulty_replies: Vec<String>,
+    /// Dead letters stored for the faulty sensor.
+    pub dead_letters: usize,
+}
+
+struct Faulty {
+    /// (what was sent, what came back).
+    exchanges: Vec<(String, String)>,
+}
+
+/// Connects sensor-00001 alone and sends frames the schema refuses, then a valid one.
+async fn faulty_sensor(
+    target: &Target,
+    roots: &Arc<rustls::RootCertStore>,
+    pki: &PkiDir,
+) -> anyhow::Result<Faulty> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let cert = std::fs::read(pki.device_cert_path("sensor-00001"))?;
+    let key = std::fs::read(pki.device_key_path("sensor-00001"))?;
+    let config = device::client_config(roots.clone(), &cert, &key)?;
+    let (mut ws, _) = device::connect(target, config, "telemetry.v1", None, Duration::from_secs(5))
+        .await
+        .map_err(|r| anyhow::anyhow!("faulty sensor refused: {r}"))?;
+    let mut cbor_bad = Vec::new();
+    ciborium::into_writer(
+        &serde_json::json!({"id": 7, "type": "reading", "seq": "seven", "ts": 1, "temperature_c": 20, "humidity_pct": 30}),
+        &mut cbor_bad,
+    )?;
+    let frames = vec![
+        (
+            "JSON, temperature 999".to_string(),
+            Message::text(
+                r#"{"id":"r-1","type":"reading","seq":1,"ts":1,"temperature_c":999,"humidity_pct":40}"#,
+            ),
+        ),
+        ("CBOR, seq is text".to_string(), Message::binary(cbor_bad)),
+        (
+            "JSON with a duplicate key".to_string(),
+            Message::text(
+                r#"{"type":"reading","seq":3,"seq":4,"ts":1,"temperature_c":20,"humidity_pct":40}"#,
+            ),
+        ),
+    ];
+    let mut exchanges = Vec::new();
+    for (what, frame) in frames {
+        ws.send(frame).await?;
+        let got = match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => format!("error frame (JSON) {t}"),
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                let v: serde_json::Value = ciborium::from_reader(b.as_ref())?;
+                format!("error frame (CBOR) {v}")
+            }
+            other => format!("unexpected: {other:?}"),
+        };
+        exchanges.push((what, got));
+    }
+    ws.send(Message::text(crate::fleet::telemetry(
+        "env-sensor",
+        "sensor-00001",
+        5,
+    )))
+    .await?;
+    exchanges.push((
+        "a valid reading".into(),
+        "forwarded to the ingest backend (no reply)".into(),
+    ));
+    ws.close(None).await?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(Faulty { exchanges })
 }
 
 pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
@@ -177,6 +248,7 @@ backends = ["{control_url}"]
     let config = gatehouse::Config::load(&config_path)?;
     let server = gatehouse::Server::new(config, shutdown.clone())?;
     let registry = server.registry();
+    let deadletter_store = server.deadletters();
     let mut all: Vec<Enrollment> = sensors
         .devices
         .iter()
@@ -228,9 +300,27 @@ backends = ["{control_url}"]
         refusals.push((id.to_string(), result.err().clone()));
     }
 
-    // 5. The fleet.
+    // 5. A faulty sensor: what invalid frames get.
+    println!("[5] a faulty sensor (sensor-00001) sends three invalid frames and one valid one:");
+    let faulty = faulty_sensor(&target, &roots, &pki).await?;
+    for (sent, got) in &faulty.exchanges {
+        println!("    sent {sent}");
+        println!("      -> {got}");
+    }
+    let mut stored = deadletter_store.stored();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stored.wait_for(|n| *n >= 3)).await;
+    let letters = deadletter_store.list("sensor-00001")?;
+    println!("    dead-letter store for sensor-00001 (`gatehouse deadletters sensor-00001`):");
+    for l in &letters {
+        println!(
+            "      #{} {} {} at {:?}: {}",
+            l.seq, l.encoding, l.code, l.pointer, l.message
+        );
+    }
+
+    // 6. The fleet.
     println!(
-        "[5] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
+        "[6] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
         options.sensors, options.rate_hz, options.locks, options.duration
     );
     let base = FleetOptions {
@@ -258,7 +348,7 @@ backends = ["{control_url}"]
     lock_report.print_indented("    ");
 
     // 6. What the backends saw.
-    println!("[6] {}", ingest_stats.summary("ingest backend"));
+    println!("[7] {}", ingest_stats.summary("ingest backend"));
     println!("    {}", control_stats.summary("control backend"));
     let delivered = ingest_stats.frames.load(Ordering::Relaxed);
     println!(
@@ -272,7 +362,7 @@ backends = ["{control_url}"]
     backends_stop.cancel();
     let _ = ingest_task.await;
     let _ = control_task.await;
-    println!("[7] gateway stopped cleanly (sessions closed with 1001, registry flushed)");
+    println!("[8] gateway stopped cleanly (sessions closed with 1001, registry flushed)");
     if options.keep {
         let kept = work.keep();
         println!("    work directory kept: {}", kept.display());
@@ -283,6 +373,12 @@ backends = ["{control_url}"]
         locks_connected: lock_report.connected,
         telemetry_sent: sensor_report.frames_sent,
         telemetry_delivered: delivered,
+        faulty_replies: faulty
+            .exchanges
+            .iter()
+            .map(|(_, got)| got.clone())
+            .collect(),
+        dead_letters: letters.len(),
         commands_sent: control_stats.commands_sent.load(Ordering::Relaxed),
         commands_answered: lock_report.commands_answered,
         responses_delivered: control_stats.responses.load(Ordering::Relaxed),

@@ -142,7 +142,7 @@ impl FleetReport {
         }
         if !self.connect_latency.is_empty() {
             println!(
-                "  connect time       p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                "{pad}  connect time       p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
                 self.connect_latency.value_at_quantile(0.5) as f64 / 1000.0,
                 self.connect_latency.value_at_quantile(0.99) as f64 / 1000.0,
                 self.connect_latency.max() as f64 / 1000.0
