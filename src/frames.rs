@@ -362,6 +362,8 @@ struct Cbor<'b> {
     decoder: Decoder<&'b [u8]>,
     len: usize,
     limits: DecodeLimits,
+    /// Scratch space for text and byte-string chunks, allocated once per frame.
+    scratch: [u8; 256],
 }
 
 fn cbor_err(offset: usize) -> Rejection {
@@ -397,10 +399,12 @@ impl<'b> Cbor<'b> {
         }
         let offset = self.decoder.offset();
         let mut out = String::with_capacity(len.unwrap_or(0));
-        let mut buf = [0u8; 1024];
         let mut segments = self.decoder.text(len);
         while let Some(mut segment) = segments.pull().map_err(|_| cbor_err(offset))? {
-            while let Some(chunk) = segment.pull(&mut buf).map_err(|_| cbor_err(offset))? {
+            while let Some(chunk) = segment
+                .pull(&mut self.scratch)
+                .map_err(|_| cbor_err(offset))?
+            {
                 out.push_str(chunk);
             }
         }
@@ -422,10 +426,12 @@ impl<'b> Cbor<'b> {
         }
         let offset = self.decoder.offset();
         let mut out = Vec::with_capacity(len.unwrap_or(0));
-        let mut buf = [0u8; 1024];
         let mut segments = self.decoder.bytes(len);
         while let Some(mut segment) = segments.pull().map_err(|_| cbor_err(offset))? {
-            while let Some(chunk) = segment.pull(&mut buf).map_err(|_| cbor_err(offset))? {
+            while let Some(chunk) = segment
+                .pull(&mut self.scratch)
+                .map_err(|_| cbor_err(offset))?
+            {
                 out.extend_from_slice(chunk);
             }
         }
@@ -591,6 +597,7 @@ pub fn decode_cbor(bytes: &[u8], limits: DecodeLimits) -> Result<Value, Rejectio
         decoder: Decoder::from(bytes),
         len: bytes.len(),
         limits,
+        scratch: [0; 256],
     };
     let mut header = cbor.pull()?;
     if header == Header::Tag(SELF_DESCRIBE_TAG) {
