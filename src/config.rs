@@ -109,6 +109,7 @@ pub struct FileDeadLetter {
 #[serde(deny_unknown_fields)]
 pub struct FileServer {
     pub listen: Option<String>,
+    pub workers: Option<usize>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_ms: Option<u64>,
     pub max_request_header_bytes: Option<usize>,
@@ -307,6 +308,8 @@ pub struct DeadLetterConfig {
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Session worker threads (one single-threaded runtime each).
+    pub workers: NonZeroUsize,
     pub schemas_dir: PathBuf,
     pub limits: crate::frames::DecodeLimits,
     pub deadletter: DeadLetterConfig,
@@ -548,7 +551,15 @@ impl Config {
             ..deadletter
         };
 
+        let workers = match s.workers {
+            Some(n) => NonZeroUsize::new(n)
+                .filter(|n| n.get() <= 256)
+                .ok_or_else(|| invalid("server.workers must be between 1 and 256"))?,
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        };
+
         Ok(Self {
+            workers,
             schemas_dir: rel(file.schemas.dir.as_deref().unwrap_or(Path::new("schemas"))),
             limits: crate::frames::DecodeLimits { max_depth },
             deadletter,
