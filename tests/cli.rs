@@ -80,6 +80,24 @@ fn check_reports_valid_and_invalid_configs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"telemetry\" or \"control\""));
 
+    // A route whose device type has no schema: check names the missing file.
+    let no_schema = tmp.path().join("no-schema.toml");
+    std::fs::write(
+        &no_schema,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "device_types = [\"env-sensor\"]",
+            "device_types = [\"env-sensor\", \"thermostat\"]",
+        ),
+    )
+    .unwrap();
+    let out = gatehouse(&["check", "--config", no_schema.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("thermostat") && stdout.contains("telemetry.schema.json"),
+        "{stdout}"
+    );
+
     std::fs::remove_file(tmp.path().join("pki/server.key")).unwrap();
     let out = gatehouse(&["check", "--config", &config]);
     assert!(!out.status.success());
