@@ -22,6 +22,7 @@
 //! - [`admin`]: the loopback admin API (axum) and its blocking client for the CLI.
 
 pub mod admin;
+pub mod audit;
 pub mod backend;
 pub mod config;
 pub mod deadletter;

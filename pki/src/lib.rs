@@ -81,6 +81,8 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("no certificate found in {0}")]
     NoCertificate(PathBuf),
+    #[error("an audit key already exists at {0}: pass --force to replace it (old checkpoints then verify only with the old audit.pub)")]
+    AuditKeyExists(PathBuf),
 }
 
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
@@ -477,6 +479,49 @@ fn write_file(path: &Path, bytes: &[u8], private: bool, sync: bool) -> Result<()
     Ok(())
 }
 
+/// An Ed25519 key for signing audit-log checkpoints.
+pub struct AuditKey {
+    /// PKCS#8 private key, PEM.
+    pub private_pem: String,
+    /// The raw 32-byte public key.
+    pub public: Vec<u8>,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKey")
+            .field("public", &hex::encode(&self.public))
+            .field("private", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Prefix of the one-line public key file: `ed25519:` and 64 hex digits.
+pub const AUDIT_PUBLIC_KEY_PREFIX: &str = "ed25519:";
+
+impl AuditKey {
+    pub fn generate() -> Result<Self> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        Ok(Self {
+            private_pem: key.serialize_pem(),
+            public: key.public_key_raw().to_vec(),
+        })
+    }
+
+    /// The public key file's text.
+    pub fn public_line(&self) -> String {
+        format!("{AUDIT_PUBLIC_KEY_PREFIX}{}\n", hex::encode(&self.public))
+    }
+}
+
+/// Parses a public key file written by [`AuditKey::public_line`].
+pub fn parse_audit_public_key(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.trim().strip_prefix(AUDIT_PUBLIC_KEY_PREFIX)?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
+}
+
 /// The on-disk CA managed by `gatehouse-pki`.
 pub struct PkiDir {
     dir: PathBuf,
@@ -498,6 +543,8 @@ impl PkiDir {
     pub const CRL: &'static str = "crl.pem";
     pub const INDEX: &'static str = "index.json";
     pub const DEVICES: &'static str = "devices";
+    pub const AUDIT_KEY: &'static str = "audit.key";
+    pub const AUDIT_PUB: &'static str = "audit.pub";
 
     /// Creates a new CA in `dir` (and an empty CRL). Refuses to replace one unless `force`.
     pub fn init(dir: &Path, force: bool) -> Result<Self> {
@@ -584,6 +631,20 @@ impl PkiDir {
             reason: e.to_string(),
         })?;
         write_atomic(&self.dir.join(Self::INDEX), text.as_bytes(), false)
+    }
+
+    /// Creates the gateway's audit signing key: `audit.key` (0600) and `audit.pub`. Refuses to
+    /// replace one unless `force` (checkpoints signed by the old key then verify only with
+    /// the old public key).
+    pub fn issue_audit_key(&self, force: bool) -> Result<AuditKey> {
+        let key_path = self.dir.join(Self::AUDIT_KEY);
+        if !force && key_path.exists() {
+            return Err(PkiError::AuditKeyExists(key_path));
+        }
+        let key = AuditKey::generate()?;
+        write_atomic(&key_path, key.private_pem.as_bytes(), true)?;
+        write_atomic(&self.dir.join(Self::AUDIT_PUB), key.public_line().as_bytes(), false)?;
+        Ok(key)
     }
 
     /// Issues `server.pem`/`server.key`.

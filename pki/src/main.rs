@@ -68,6 +68,13 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+    /// Create the gateway's Ed25519 audit signing key: DIR/audit.key (0600) and DIR/audit.pub.
+    AuditKey {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Re-sign DIR/crl.pem with a fresh next-update time (run it before the old one expires).
     Crl {
         #[arg(long)]
@@ -151,6 +158,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("revoked {} serial {}", entry.id, entry.serial);
             }
             println!("CRL rewritten: {}", pki.crl_path().display());
+        }
+        Command::AuditKey { dir, force } => {
+            let pki = PkiDir::open(&dir)?;
+            let key = pki.issue_audit_key(force)?;
+            println!(
+                "audit key written to {} (public key {} in {})",
+                dir.join(PkiDir::AUDIT_KEY).display(),
+                key.public_line().trim(),
+                dir.join(PkiDir::AUDIT_PUB).display()
+            );
         }
         Command::Crl { dir, days } => {
             let mut pki = PkiDir::open(&dir)?;
