@@ -248,7 +248,11 @@ pub struct Failure {
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "device {}: record {}: {}", self.device, self.seq, self.reason)
+        write!(
+            f,
+            "device {}: record {}: {}",
+            self.device, self.seq, self.reason
+        )
     }
 }
 
@@ -283,7 +287,10 @@ pub fn verify_device(
         .unwrap_or_else(|| GENESIS.to_string());
     for r in records {
         if r.device != device {
-            return Err(fail(expected, format!("record of device {:?} in this device's log", r.device)));
+            return Err(fail(
+                expected,
+                format!("record of device {:?} in this device's log", r.device),
+            ));
         }
         if r.seq != expected {
             let why = if r.seq < expected {
@@ -296,11 +303,15 @@ pub fn verify_device(
         if r.prev != prev {
             return Err(fail(
                 r.seq,
-                "does not follow the previous record (a record was inserted, deleted or reordered)".into(),
+                "does not follow the previous record (a record was inserted, deleted or reordered)"
+                    .into(),
             ));
         }
         if r.compute_hash() != r.hash {
-            return Err(fail(r.seq, "content does not match its hash (modified)".into()));
+            return Err(fail(
+                r.seq,
+                "content does not match its hash (modified)".into(),
+            ));
         }
         prev = r.hash.clone();
         expected += 1;
@@ -308,7 +319,10 @@ pub fn verify_device(
     let mut checkpointed_to = None;
     for cp in checkpoints.iter().filter(|c| c.device == device) {
         if !cp.verify(public_key) {
-            return Err(fail(cp.seq, "checkpoint signature does not verify with this key".into()));
+            return Err(fail(
+                cp.seq,
+                "checkpoint signature does not verify with this key".into(),
+            ));
         }
         if cp.seq < first {
             continue;
@@ -324,7 +338,10 @@ pub fn verify_device(
         }
         let index = (cp.seq - first) as usize;
         if records.get(index).map(|r| r.hash.as_str()) != Some(cp.hash.as_str()) {
-            return Err(fail(cp.seq, "differs from the signed checkpoint (the chain was rewritten)".into()));
+            return Err(fail(
+                cp.seq,
+                "differs from the signed checkpoint (the chain was rewritten)".into(),
+            ));
         }
         checkpointed_to = Some(checkpointed_to.map_or(cp.seq, |c: u64| c.max(cp.seq)));
     }
@@ -359,7 +376,10 @@ mod tests {
     fn chain(n: u64) -> Vec<Record> {
         let mut out: Vec<Record> = Vec::new();
         for seq in 0..n {
-            let prev = out.last().map(|r| r.hash.clone()).unwrap_or_else(|| GENESIS.into());
+            let prev = out
+                .last()
+                .map(|r| r.hash.clone())
+                .unwrap_or_else(|| GENESIS.into());
             let event = Event {
                 device: "d1".into(),
                 kind: Some(RecordKind::CommandSent),
@@ -378,7 +398,10 @@ mod tests {
         let records = chain(5);
         let cp = Checkpoint::sign(&k, "d1", 3, &records[3].hash, 9);
         let v = verify_device("d1", &records, &[cp], &public(&k), None).unwrap();
-        assert_eq!((v.records, v.checkpointed_to, v.unsigned_tail), (5, Some(3), 1));
+        assert_eq!(
+            (v.records, v.checkpointed_to, v.unsigned_tail),
+            (5, Some(3), 1)
+        );
         // A record survives a trip through its stored JSON line.
         let line = serde_json::to_string(&records[2]).unwrap();
         let back: Record = serde_json::from_str(&line).unwrap();
@@ -403,7 +426,15 @@ mod tests {
         assert_eq!(check(&deleted).seq, 3);
 
         let mut inserted = records.clone();
-        let extra = Record::seal(Event { device: "d1".into(), ..Default::default() }, 3, 0, &records[2].hash);
+        let extra = Record::seal(
+            Event {
+                device: "d1".into(),
+                ..Default::default()
+            },
+            3,
+            0,
+            &records[2].hash,
+        );
         inserted.insert(3, extra);
         assert_eq!(check(&inserted).seq, 4);
 
@@ -433,14 +464,20 @@ mod tests {
         // A checkpoint signed by another key.
         let other = key();
         let forged = vec![Checkpoint::sign(&other, "d1", 4, &records[4].hash, 9)];
-        assert!(verify_device("d1", &records, &forged, &pk, None).unwrap_err().reason.contains("signature"));
+        assert!(verify_device("d1", &records, &forged, &pk, None)
+            .unwrap_err()
+            .reason
+            .contains("signature"));
     }
 
     #[test]
     fn an_anchor_starts_a_pruned_chain() {
         let k = key();
         let records = chain(6);
-        let anchor = Anchor { seq: 2, hash: records[2].hash.clone() };
+        let anchor = Anchor {
+            seq: 2,
+            hash: records[2].hash.clone(),
+        };
         let v = verify_device("d1", &records[3..], &[], &public(&k), Some(&anchor)).unwrap();
         assert_eq!(v.records, 3);
         assert!(verify_device("d1", &records[4..], &[], &public(&k), Some(&anchor)).is_err());

@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod auditlog;
 pub mod backend;
 pub mod config;
 pub mod deadletter;

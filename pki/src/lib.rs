@@ -643,7 +643,11 @@ impl PkiDir {
         }
         let key = AuditKey::generate()?;
         write_atomic(&key_path, key.private_pem.as_bytes(), true)?;
-        write_atomic(&self.dir.join(Self::AUDIT_PUB), key.public_line().as_bytes(), false)?;
+        write_atomic(
+            &self.dir.join(Self::AUDIT_PUB),
+            key.public_line().as_bytes(),
+            false,
+        )?;
         Ok(key)
     }
 

@@ -1,0 +1,669 @@
+//! Audit log storage: append-only JSON-lines segment files and a checkpoint file, written by
+//! one writer thread that batches records from every session (group commit: one `fdatasync`
+//! covers a whole batch). Callers that must not go on before their record is on disk (a
+//! command about to be forwarded) wait for that sync; the rest is written with the next batch.
+//! A failed write rolls the batch back (file truncated to its length before the batch, no
+//! sequence number consumed), fails the waiters (commands are refused: fail closed), keeps the
+//! other records for the next attempt, and the writer retries on its own. Opening recovers a
+//! torn last line left by a crash. The record rules are `audit`'s; see docs/audit.md.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::audit::{Checkpoint, Event, Record, GENESIS};
+
+/// Records queued for the writer before callers are told the log is busy: 64 Ki.
+pub const QUEUE_CAPACITY: usize = 64 * 1024;
+/// Records kept for retry while the disk refuses writes, beyond which the oldest are lost
+/// (and counted): 64 Ki.
+pub const RETRY_CAPACITY: usize = 64 * 1024;
+/// Segment size before a new file is started: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Longest time a record that nobody waits for stays unsynced: 200 ms.
+pub const LAZY_SYNC_INTERVAL: Duration = Duration::from_millis(200);
+/// Wait between attempts while writes fail: 500 ms.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("audit log {0}: {1}")]
+    Io(PathBuf, String),
+    #[error("audit log cannot be written: {0}")]
+    Unavailable(String),
+    #[error("audit log queue is full")]
+    Busy,
+    #[error("audit log writer stopped")]
+    Stopped,
+    #[error("audit signing key {0}: {1}")]
+    Key(PathBuf, String),
+}
+
+fn io(path: &Path, e: impl ToString) -> AuditError {
+    AuditError::Io(path.to_path_buf(), e.to_string())
+}
+
+/// Loads the Ed25519 signing key (PKCS#8 PEM, as written by `gatehouse-pki audit-key`).
+pub fn load_signing_key(path: &Path) -> Result<aws_lc_rs::signature::Ed25519KeyPair, AuditError> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
+        .map_err(|e| AuditError::Key(path.to_path_buf(), e.to_string()))?;
+    aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
+        .map_err(|e| AuditError::Key(path.to_path_buf(), format!("not an Ed25519 key: {e}")))
+}
+
+/// Loads a public key file (`ed25519:HEX`).
+pub fn load_public_key(path: &Path) -> Result<[u8; 32], AuditError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AuditError::Key(path.to_path_buf(), e.to_string()))?;
+    gatehouse_pki::parse_audit_public_key(&text).ok_or_else(|| {
+        AuditError::Key(
+            path.to_path_buf(),
+            "expected one line `ed25519:` and 64 hex digits".into(),
+        )
+    })
+}
+
+fn segment_name(n: u64) -> String {
+    format!("segment-{n:08}.jsonl")
+}
+
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("segment-")
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Everything read back from an audit directory.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// Records per device, in file order.
+    pub records: BTreeMap<String, Vec<Record>>,
+    pub checkpoints: Vec<Checkpoint>,
+    /// Lines that are not records (file, line number, error).
+    pub unreadable: Vec<(PathBuf, usize, String)>,
+}
+
+/// Reads lines of `path`; a last line without a newline (a write torn by a crash, or one in
+/// progress) is skipped and its offset returned.
+fn read_lines(path: &Path, mut each: impl FnMut(usize, &str)) -> Result<Option<u64>, AuditError> {
+    let file = File::open(path).map_err(|e| io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut offset = 0u64;
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).map_err(|e| io(path, e))?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if !line.ends_with('\n') {
+            return Ok(Some(offset));
+        }
+        n += 1;
+        each(n, line.trim_end());
+        offset += read as u64;
+    }
+}
+
+/// Reads a whole audit directory (safe while the gateway writes to it).
+pub fn read(dir: &Path) -> Result<Contents, AuditError> {
+    let mut contents = Contents::default();
+    for (_, path) in segments(dir)? {
+        read_lines(&path, |n, line| {
+            match serde_json::from_str::<Record>(line) {
+                Ok(r) => contents
+                    .records
+                    .entry(r.device.clone())
+                    .or_default()
+                    .push(r),
+                Err(e) => contents.unreadable.push((path.clone(), n, e.to_string())),
+            }
+        })?;
+    }
+    let cp_path = dir.join(CHECKPOINTS_FILE);
+    if cp_path.exists() {
+        read_lines(&cp_path, |n, line| {
+            match serde_json::from_str::<Checkpoint>(line) {
+                Ok(c) => contents.checkpoints.push(c),
+                Err(e) => contents
+                    .unreadable
+                    .push((cp_path.clone(), n, e.to_string())),
+            }
+        })?;
+    }
+    Ok(contents)
+}
+
+/// Writer configuration.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub checkpoint_interval: Duration,
+}
+
+enum Request {
+    Append {
+        event: Event,
+        reply: Option<oneshot::Sender<Result<Record, AuditError>>>,
+    },
+}
+
+/// The sessions' handle on the log.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<Request>,
+    healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    fail_writes: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("healthy", &self.is_healthy())
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Recovers the directory (a torn last line is cut off) and starts the writer thread.
+    /// The thread ends when every handle is dropped, after a final sync and checkpoint.
+    pub fn open(
+        cfg: WriterConfig,
+        key: aws_lc_rs::signature::Ed25519KeyPair,
+    ) -> Result<(AuditLog, std::thread::JoinHandle<()>), AuditError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| io(&cfg.dir, e))?;
+        let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+        let segs = segments(&cfg.dir)?;
+        for (i, (_, path)) in segs.iter().enumerate() {
+            let torn = read_lines(path, |_, line| {
+                if let Ok(r) = serde_json::from_str::<Record>(line) {
+                    heads.insert(r.device.clone(), (r.seq + 1, r.hash));
+                }
+            })?;
+            if let Some(at) = torn {
+                if i + 1 == segs.len() {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(|e| io(path, e))?;
+                    f.set_len(at).map_err(|e| io(path, e))?;
+                    f.sync_all().map_err(|e| io(path, e))?;
+                    tracing::warn!(file = %path.display(), offset = at, "audit log: cut off a torn last record (a write interrupted by a crash; it was never acknowledged)");
+                }
+            }
+        }
+        let cp_path = cfg.dir.join(CHECKPOINTS_FILE);
+        let mut checkpointed: HashMap<String, u64> = HashMap::new();
+        if cp_path.exists() {
+            if let Some(at) = read_lines(&cp_path, |_, line| {
+                if let Ok(c) = serde_json::from_str::<Checkpoint>(line) {
+                    checkpointed.insert(c.device.clone(), c.seq);
+                }
+            })? {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&cp_path)
+                    .map_err(|e| io(&cp_path, e))?;
+                f.set_len(at).map_err(|e| io(&cp_path, e))?;
+            }
+        }
+        let current = segs.last().map(|(n, _)| *n).unwrap_or(1);
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let lost = Arc::new(AtomicU64::new(0));
+        let fail_writes = Arc::new(AtomicBool::new(false));
+        let mut writer = Writer {
+            cfg,
+            key,
+            segment: current,
+            file: None,
+            heads,
+            dirty: HashSet::new(),
+            checkpointed,
+            retry: VecDeque::new(),
+            unsynced: false,
+            healthy: healthy.clone(),
+            lost: lost.clone(),
+            fail_writes: fail_writes.clone(),
+        };
+        // Devices whose last record is newer than their last checkpoint get one soon.
+        for (device, (next, _)) in &writer.heads {
+            if writer
+                .checkpointed
+                .get(device)
+                .is_none_or(|c| *c + 1 < *next)
+            {
+                writer.dirty.insert(device.clone());
+            }
+        }
+        let thread = std::thread::Builder::new()
+            .name("gatehouse-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        Ok((
+            AuditLog {
+                tx,
+                healthy,
+                lost,
+                fail_writes,
+            },
+            thread,
+        ))
+    }
+
+    /// Queues a record; it is on disk within [`LAZY_SYNC_INTERVAL`] unless writes fail.
+    pub fn record(&self, event: Event) {
+        match self.tx.try_send(Request::Append { event, reply: None }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("audit log queue full or writer stopped: a record was lost");
+            }
+        }
+    }
+
+    /// Writes a record and waits until it is synced to disk.
+    pub async fn record_durable(&self, event: Event) -> Result<Record, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Request::Append {
+                event,
+                reply: Some(reply),
+            })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => AuditError::Busy,
+                TrySendError::Disconnected(_) => AuditError::Stopped,
+            })?;
+        rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records lost (queue full while the disk failed for long): should stay 0.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection for tests and drills: while set, every write fails as a full disk
+    /// would.
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::Relaxed);
+    }
+}
+
+struct Writer {
+    cfg: WriterConfig,
+    key: aws_lc_rs::signature::Ed25519KeyPair,
+    segment: u64,
+    file: Option<(File, u64)>,
+    /// Per device: next sequence number and last hash (of what is on disk).
+    heads: HashMap<String, (u64, String)>,
+    /// Devices whose head changed since their last checkpoint.
+    dirty: HashSet<String>,
+    checkpointed: HashMap<String, u64>,
+    /// Records that could not be written yet (nobody waits for them).
+    retry: VecDeque<Event>,
+    unsynced: bool,
+    healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    fail_writes: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Request>) {
+        let mut next_checkpoint = Instant::now() + self.cfg.checkpoint_interval;
+        let mut last_sync = Instant::now();
+        loop {
+            let wait = if !self.retry.is_empty() {
+                RETRY_INTERVAL
+            } else if self.unsynced {
+                LAZY_SYNC_INTERVAL.saturating_sub(last_sync.elapsed())
+            } else {
+                next_checkpoint.saturating_duration_since(Instant::now())
+            };
+            let mut batch = Vec::new();
+            let mut stop = false;
+            match rx.recv_timeout(wait) {
+                Ok(r) => batch.push(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let must_sync = batch
+                .iter()
+                .any(|Request::Append { reply, .. }| reply.is_some())
+                || stop
+                || (self.unsynced && last_sync.elapsed() >= LAZY_SYNC_INTERVAL);
+            self.write_batch(batch, must_sync);
+            if must_sync && !self.unsynced {
+                last_sync = Instant::now();
+            }
+            if Instant::now() >= next_checkpoint || stop {
+                self.checkpoint();
+                next_checkpoint = Instant::now() + self.cfg.checkpoint_interval;
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn open_segment(&mut self) -> Result<&mut (File, u64), AuditError> {
+        if let Some((_, len)) = &self.file {
+            if *len >= self.cfg.segment_bytes {
+                self.file = None;
+                self.segment += 1;
+            }
+        }
+        if self.file.is_none() {
+            let path = self.cfg.dir.join(segment_name(self.segment));
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io(&path, e))?;
+            let len = file.metadata().map_err(|e| io(&path, e))?.len();
+            if len == 0 {
+                // Make the new file's directory entry durable.
+                if let Ok(d) = File::open(&self.cfg.dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            self.file = Some((file, len));
+        }
+        self.file
+            .as_mut()
+            .ok_or_else(|| AuditError::Unavailable("no segment".into()))
+    }
+
+    fn write_batch(&mut self, batch: Vec<Request>, must_sync: bool) {
+        // Records waiting for a retry go first, in their original order.
+        let mut items: Vec<(Event, Option<oneshot::Sender<Result<Record, AuditError>>>)> =
+            self.retry.drain(..).map(|e| (e, None)).collect();
+        items.extend(
+            batch
+                .into_iter()
+                .map(|Request::Append { event, reply }| (event, reply)),
+        );
+        if items.is_empty() && !(must_sync && self.unsynced) {
+            return;
+        }
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let mut working: HashMap<String, (u64, String)> = HashMap::new();
+        let mut buf = Vec::new();
+        let mut sealed = Vec::with_capacity(items.len());
+        for (event, _) in &items {
+            let head = working.entry(event.device.clone()).or_insert_with(|| {
+                self.heads
+                    .get(&event.device)
+                    .cloned()
+                    .unwrap_or((0, GENESIS.to_string()))
+            });
+            let record = Record::seal(event.clone(), head.0, now_ms as i64, &head.1);
+            *head = (record.seq + 1, record.hash.clone());
+            // A record is plain data; serialising it cannot fail.
+            let _ = serde_json::to_writer(&mut buf, &record);
+            buf.push(b'\n');
+            sealed.push(record);
+        }
+        let result = self.append(&buf, must_sync);
+        match result {
+            Ok(()) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("audit log writable again");
+                }
+                for (device, head) in working {
+                    self.dirty.insert(device.clone());
+                    self.heads.insert(device, head);
+                }
+                for ((_, reply), record) in items.into_iter().zip(sealed) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(record));
+                    }
+                }
+            }
+            Err(e) => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "audit log write failed: commands are refused until it works again; other records are kept for retry");
+                }
+                for (event, reply) in items {
+                    match reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(AuditError::Unavailable(e.to_string())));
+                        }
+                        None => {
+                            if self.retry.len() >= RETRY_CAPACITY {
+                                self.retry.pop_front();
+                                self.lost.fetch_add(1, Ordering::Relaxed);
+                            }
+                            self.retry.push_back(event);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends `buf` (and syncs if asked). On failure the file is cut back to its length
+    /// before this call, so no partial record stays behind.
+    fn append(&mut self, buf: &[u8], sync: bool) -> Result<(), AuditError> {
+        let failing = self.fail_writes.load(Ordering::Relaxed);
+        let dir = self.cfg.dir.clone();
+        let (file, len) = self.open_segment()?;
+        let before = *len;
+        let written = if failing {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "injected write failure",
+            ))
+        } else {
+            file.write_all(buf)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
+        };
+        match written {
+            Ok(()) => {
+                *len += buf.len() as u64;
+                self.unsynced = !sync && (self.unsynced || !buf.is_empty());
+                Ok(())
+            }
+            Err(e) => {
+                let _ = file.set_len(before);
+                *len = before;
+                Err(io(&dir.join(segment_name(self.segment)), e))
+            }
+        }
+    }
+
+    /// Signs the head of every device that changed since its last checkpoint.
+    fn checkpoint(&mut self) {
+        if self.dirty.is_empty() || self.unsynced || !self.retry.is_empty() {
+            if self.unsynced {
+                // Sign only what is on disk: sync first, checkpoint next time.
+                let _ = self.append(&[], true);
+            }
+            return;
+        }
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let mut buf = Vec::new();
+        let mut done = Vec::new();
+        for device in &self.dirty {
+            let Some((next, hash)) = self.heads.get(device) else {
+                continue;
+            };
+            if *next == 0 {
+                continue;
+            }
+            let cp = Checkpoint::sign(&self.key, device, next - 1, hash, now_ms);
+            let _ = serde_json::to_writer(&mut buf, &cp);
+            buf.push(b'\n');
+            done.push((device.clone(), next - 1));
+        }
+        let path = self.cfg.dir.join(CHECKPOINTS_FILE);
+        let result = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                let before = f.metadata()?.len();
+                let r = if self.fail_writes.load(Ordering::Relaxed) {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        "injected write failure",
+                    ))
+                } else {
+                    f.write_all(&buf).and_then(|()| f.sync_data())
+                };
+                if r.is_err() {
+                    let _ = f.set_len(before);
+                }
+                r
+            });
+        match result {
+            Ok(()) => {
+                for (device, seq) in done {
+                    self.dirty.remove(&device);
+                    self.checkpointed.insert(device, seq);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, file = %path.display(), "audit checkpoint write failed; retrying at the next interval")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{verify_device, RecordKind};
+    use aws_lc_rs::signature::KeyPair;
+
+    fn key() -> (aws_lc_rs::signature::Ed25519KeyPair, [u8; 32]) {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let k = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let pk = k.public_key().as_ref().try_into().unwrap();
+        (k, pk)
+    }
+
+    fn cfg(dir: &Path) -> WriterConfig {
+        WriterConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 600,
+            checkpoint_interval: Duration::from_secs(3600),
+        }
+    }
+
+    fn event(device: &str, n: u64) -> Event {
+        Event {
+            device: device.into(),
+            kind: Some(RecordKind::CommandSent),
+            command_id: Some(serde_json::json!(n)),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn durable_records_chain_across_segments_restarts_and_torn_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, pk) = key();
+        {
+            let (log, thread) = AuditLog::open(cfg(dir.path()), k).unwrap();
+            for n in 0..6 {
+                let r = log.record_durable(event("d1", n)).await.unwrap();
+                assert_eq!(r.seq, n);
+            }
+            log.record(event("d2", 0));
+            drop(log);
+            thread.join().unwrap();
+        }
+        assert!(segments(dir.path()).unwrap().len() > 1, "segments rotate");
+        // A crash in the middle of a write leaves a torn line: recovery cuts it off.
+        let last = segments(dir.path()).unwrap().last().unwrap().1.clone();
+        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+        f.write_all(b"{\"device\":\"d1\",\"seq\":6,\"ti").unwrap();
+        drop(f);
+        let (k2, _) = key();
+        let (log, thread) = AuditLog::open(cfg(dir.path()), k2).unwrap();
+        let r = log.record_durable(event("d1", 6)).await.unwrap();
+        assert_eq!(r.seq, 6);
+        drop(log);
+        thread.join().unwrap();
+        let c = read(dir.path()).unwrap();
+        assert!(c.unreadable.is_empty(), "{:?}", c.unreadable);
+        assert_eq!(c.records["d1"].len(), 7);
+        assert_eq!(c.records["d2"].len(), 1);
+        // The first writer's checkpoints verify with its key; the second's were signed with
+        // another key, so only checkpoints of the first key are kept for this check.
+        let cps: Vec<_> = c
+            .checkpoints
+            .iter()
+            .filter(|cp| cp.verify(&pk))
+            .cloned()
+            .collect();
+        assert!(!cps.is_empty());
+        verify_device("d1", &c.records["d1"], &cps, &pk, None).unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_writes_fail_durable_callers_and_lose_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, pk) = key();
+        let mut cfg = cfg(dir.path());
+        cfg.segment_bytes = DEFAULT_SEGMENT_BYTES;
+        let (log, thread) = AuditLog::open(cfg, k).unwrap();
+        log.record_durable(event("d1", 0)).await.unwrap();
+        log.fail_writes(true);
+        log.record(event("d1", 1));
+        assert!(matches!(
+            log.record_durable(event("d1", 2)).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        assert!(!log.is_healthy());
+        log.fail_writes(false);
+        // The retried record and this one land, in order, with no gap.
+        let r = log.record_durable(event("d1", 3)).await.unwrap();
+        assert_eq!(r.seq, 2);
+        assert!(log.is_healthy());
+        drop(log);
+        thread.join().unwrap();
+        let c = read(dir.path()).unwrap();
+        let ids: Vec<u64> = c.records["d1"]
+            .iter()
+            .map(|r| r.command_id.as_ref().unwrap().as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![0, 1, 3]);
+        verify_device("d1", &c.records["d1"], &c.checkpoints, &pk, None).unwrap();
+    }
+}
