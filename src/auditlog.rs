@@ -168,6 +168,8 @@ enum Request {
         event: Event,
         reply: Option<oneshot::Sender<Result<Record, AuditError>>>,
     },
+    /// Sync everything and sign checkpoints now.
+    Sync { reply: oneshot::Sender<bool> },
 }
 
 /// The sessions' handle on the log.
@@ -300,6 +302,16 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Stopped)?
     }
 
+    /// Syncs everything written so far and signs checkpoints (at shutdown). Returns whether
+    /// everything queued is on disk.
+    pub async fn sync(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.try_send(Request::Sync { reply }).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     /// Whether the last write succeeded.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -360,18 +372,30 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let must_sync = batch
+            let mut syncs = Vec::new();
+            let mut appends = Vec::with_capacity(batch.len());
+            for r in batch {
+                match r {
+                    Request::Sync { reply } => syncs.push(reply),
+                    append => appends.push(append),
+                }
+            }
+            let must_sync = appends
                 .iter()
-                .any(|Request::Append { reply, .. }| reply.is_some())
+                .any(|r| matches!(r, Request::Append { reply: Some(_), .. }))
                 || stop
+                || !syncs.is_empty()
                 || (self.unsynced && last_sync.elapsed() >= LAZY_SYNC_INTERVAL);
-            self.write_batch(batch, must_sync);
+            self.write_batch(appends, must_sync);
             if must_sync && !self.unsynced {
                 last_sync = Instant::now();
             }
-            if Instant::now() >= next_checkpoint || stop {
+            if Instant::now() >= next_checkpoint || stop || !syncs.is_empty() {
                 self.checkpoint();
                 next_checkpoint = Instant::now() + self.cfg.checkpoint_interval;
+            }
+            for reply in syncs {
+                let _ = reply.send(self.retry.is_empty() && !self.unsynced);
             }
             if stop {
                 return;
@@ -411,11 +435,10 @@ impl Writer {
         // Records waiting for a retry go first, in their original order.
         let mut items: Vec<(Event, Option<oneshot::Sender<Result<Record, AuditError>>>)> =
             self.retry.drain(..).map(|e| (e, None)).collect();
-        items.extend(
-            batch
-                .into_iter()
-                .map(|Request::Append { event, reply }| (event, reply)),
-        );
+        items.extend(batch.into_iter().filter_map(|r| match r {
+            Request::Append { event, reply } => Some((event, reply)),
+            Request::Sync { .. } => None,
+        }));
         if items.is_empty() && !(must_sync && self.unsynced) {
             return;
         }

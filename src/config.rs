@@ -87,6 +87,7 @@ pub struct FileConfig {
     pub schemas: FileSchemas,
     #[serde(default)]
     pub deadletter: FileDeadLetter,
+    pub audit: Option<FileAudit>,
     #[serde(default, rename = "route")]
     pub routes: Vec<FileRoute>,
 }
@@ -96,6 +97,19 @@ pub struct FileConfig {
 pub struct FileSchemas {
     pub dir: Option<PathBuf>,
     pub max_depth: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAudit {
+    pub dir: PathBuf,
+    pub signing_key: PathBuf,
+    pub public_key: Option<PathBuf>,
+    pub command_timeout_ms: Option<u64>,
+    pub checkpoint_interval_ms: Option<u64>,
+    pub max_payload_bytes: Option<usize>,
+    pub redact: Option<Vec<String>>,
+    pub segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +313,27 @@ pub struct BackendConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
+/// Time a device has to answer a command before it is recorded as timed out: 30 s.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the heads of changed device chains are signed: 10 s. Records after the last
+/// checkpoint are protected by the hash chain only.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Payload bytes kept in an audit record (after redaction): 1 KiB.
+pub const DEFAULT_AUDIT_PAYLOAD_BYTES: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub signing_key: PathBuf,
+    pub public_key: Option<PathBuf>,
+    pub command_timeout: Duration,
+    pub checkpoint_interval: Duration,
+    pub max_payload_bytes: usize,
+    /// Field names whose values are replaced before a payload is stored.
+    pub redact: Vec<String>,
+    pub segment_bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct DeadLetterConfig {
     pub per_device: usize,
@@ -313,6 +348,7 @@ pub struct Config {
     pub schemas_dir: PathBuf,
     pub limits: crate::frames::DecodeLimits,
     pub deadletter: DeadLetterConfig,
+    pub audit: Option<AuditConfig>,
     pub listen: SocketAddr,
     pub max_connections: NonZeroUsize,
     pub handshake_timeout: Duration,
@@ -551,6 +587,32 @@ impl Config {
             ..deadletter
         };
 
+        let audit = match file.audit {
+            None => None,
+            Some(a) => Some(AuditConfig {
+                dir: rel(&a.dir),
+                signing_key: rel(&a.signing_key),
+                public_key: a.public_key.as_deref().map(rel),
+                command_timeout: ms(
+                    a.command_timeout_ms,
+                    DEFAULT_COMMAND_TIMEOUT,
+                    "audit.command_timeout_ms",
+                )?,
+                checkpoint_interval: ms(
+                    a.checkpoint_interval_ms,
+                    DEFAULT_CHECKPOINT_INTERVAL,
+                    "audit.checkpoint_interval_ms",
+                )?,
+                max_payload_bytes: a.max_payload_bytes.unwrap_or(DEFAULT_AUDIT_PAYLOAD_BYTES),
+                redact: a.redact.unwrap_or_default(),
+                segment_bytes: match a.segment_bytes {
+                    None => crate::auditlog::DEFAULT_SEGMENT_BYTES,
+                    Some(n) if n >= 4096 => n,
+                    Some(_) => return Err(invalid("audit.segment_bytes must be at least 4096")),
+                },
+            }),
+        };
+
         let workers = match s.workers {
             Some(n) => NonZeroUsize::new(n)
                 .filter(|n| n.get() <= 256)
@@ -563,6 +625,7 @@ impl Config {
             schemas_dir: rel(file.schemas.dir.as_deref().unwrap_or(Path::new("schemas"))),
             limits: crate::frames::DecodeLimits { max_depth },
             deadletter,
+            audit,
             listen,
             max_connections,
             handshake_timeout: ms(

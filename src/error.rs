@@ -244,6 +244,26 @@ impl SessionEnd {
         }
     }
 
+    /// One line for the audit log: close code, reason and who closed.
+    pub fn describe(&self) -> String {
+        let reason = match self {
+            SessionEnd::ClosedBy(_, Some(f)) => f.reason.to_string(),
+            _ => self
+                .to_device()
+                .flatten()
+                .or_else(|| self.to_backend().flatten())
+                .map(|f| f.reason.to_string())
+                .unwrap_or_default(),
+        };
+        format!(
+            "close {} by {}{}{}",
+            self.logged_code(),
+            self.closer().as_str(),
+            if reason.is_empty() { "" } else { ": " },
+            reason
+        )
+    }
+
     /// The close code to log: the one that ended the session, 1006 for a vanished peer.
     pub fn logged_code(&self) -> u16 {
         match self {

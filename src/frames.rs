@@ -47,6 +47,7 @@ pub enum RejectCode {
     SchemaViolation,
     MissingId,
     RateLimited,
+    AuditUnavailable,
 }
 
 impl RejectCode {
@@ -66,6 +67,7 @@ impl RejectCode {
             RejectCode::SchemaViolation => "schema-violation",
             RejectCode::MissingId => "missing-id",
             RejectCode::RateLimited => "rate-limited",
+            RejectCode::AuditUnavailable => "audit-unavailable",
         }
     }
 }
@@ -637,7 +639,9 @@ pub fn decode(encoding: Encoding, bytes: &[u8], limits: DecodeLimits) -> Result<
 /// integer.
 pub fn frame_id(value: &Value) -> Option<Value> {
     match value.get("id")? {
-        Value::String(s) if s.len() <= MAX_ECHOED_ID_BYTES => Some(Value::String(s.clone())),
+        Value::String(s) if !s.is_empty() && s.len() <= MAX_ECHOED_ID_BYTES => {
+            Some(Value::String(s.clone()))
+        }
         Value::Number(n) if n.is_u64() => Some(Value::Number(n.clone())),
         _ => None,
     }

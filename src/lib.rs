@@ -25,6 +25,7 @@ pub mod admin;
 pub mod audit;
 pub mod auditlog;
 pub mod backend;
+pub mod command;
 pub mod config;
 pub mod deadletter;
 pub mod error;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::frames::{self, DecodeLimits, Encoding, Rejection};
+use serde_json::Value;
+
+use crate::frames::{self, DecodeLimits, Encoding, RejectCode, Rejection};
 use crate::routing::RouteKind;
 use crate::schema::{self, SchemaKind, SchemaSet};
 
@@ -40,8 +42,11 @@ pub fn schema_kind(kind: RouteKind, direction: Direction) -> Option<SchemaKind> 
     }
 }
 
-/// Checks one data frame. `Ok` means forward it. A missing optional schema (a control route's
-/// response schema) means the frame is forwarded unchecked.
+/// Checks one data frame. `Ok(Some(value))`: forward it (the decoded value, for command
+/// tracking); `Ok(None)`: forward it, nothing was decoded. On control routes every frame is
+/// decoded so commands and responses can be matched by id, and a command (backend to
+/// device) without an `id` is refused (`missing-id`). A missing optional schema (a control
+/// route's response schema) means the frame is decoded but not validated.
 pub fn check_frame(
     schemas: &SchemaSet,
     device_type: &str,
@@ -49,24 +54,41 @@ pub fn check_frame(
     direction: Direction,
     msg: &Message,
     limits: DecodeLimits,
-) -> Result<(), (Encoding, Rejection)> {
+) -> Result<Option<Value>, (Encoding, Rejection)> {
     let (encoding, bytes): (Encoding, &[u8]) = match msg {
         Message::Text(t) => (Encoding::Json, t.as_bytes()),
         Message::Binary(b) => (Encoding::Cbor, b),
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
-    let Some(schema_kind) = schema_kind(kind, direction) else {
-        return Ok(());
-    };
-    let Some(validator) = schemas.get(device_type, schema_kind) else {
-        // Required schemas were checked at the handshake; an optional one may be absent.
-        return Ok(());
-    };
+    // Required schemas were checked at the handshake; an optional one may be absent.
+    let validator = schema_kind(kind, direction).and_then(|k| schemas.get(device_type, k));
+    if validator.is_none() && kind != RouteKind::Control {
+        return Ok(None);
+    }
     let value = frames::decode(encoding, bytes, limits).map_err(|r| (encoding, r))?;
-    schema::validate(validator, &value).map_err(|mut r| {
-        r.id = frames::frame_id(&value);
-        (encoding, r)
-    })
+    if let Some(validator) = validator {
+        schema::validate(validator, &value).map_err(|mut r| {
+            r.id = frames::frame_id(&value);
+            (encoding, r)
+        })?;
+    }
+    if kind == RouteKind::Control
+        && direction == Direction::Down
+        && frames::frame_id(&value).is_none()
+    {
+        return Err((
+            encoding,
+            Rejection::new(
+                RejectCode::MissingId,
+                "/id",
+                format!(
+                    "a command needs a top-level \"id\": a string of 1-{} bytes or an unsigned integer",
+                    frames::MAX_ECHOED_ID_BYTES
+                ),
+            ),
+        ));
+    }
+    Ok(Some(value))
 }
 
 /// The reply frame for a rejection, in the sender's encoding.

@@ -23,10 +23,16 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Closer, SessionEnd};
 use crate::policy::Direction;
 
+/// A write the relay waits for before it forwards a held frame: `Ok` forwards, `Err(reply)`
+/// drops the frame and sends `reply` back to its sender.
+pub type Hold = Pin<Box<dyn Future<Output = Result<(), Message>> + Send>>;
+
 /// What to do with one data frame.
-#[derive(Debug)]
 pub enum Verdict {
     Forward,
+    /// Forward only once `Hold` completes with `Ok` (the command's audit record is on disk).
+    /// Nothing more is read from this direction's source meanwhile.
+    ForwardAfter(Hold),
     /// Do not forward; send `reply` (if any) back to the sender.
     Reject {
         reply: Option<Message>,
@@ -38,6 +44,12 @@ pub enum Verdict {
 /// Decides about every text and binary frame before it is forwarded.
 pub trait Inspector {
     fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict;
+
+    /// A frame held by [`Verdict::ForwardAfter`] was released: forwarded when `forwarded`.
+    fn released(&mut self, _direction: Direction, _forwarded: bool) {}
+
+    /// Drives the inspector's own timers (command timeouts); called on every wake-up.
+    fn poll_timers(&mut self, _cx: &mut Context<'_>) {}
 }
 
 /// Forwards everything.
@@ -81,6 +93,7 @@ enum PumpEnd {
 /// error frame waiting to go back to the source.
 struct Pump {
     direction: Direction,
+    held: Option<(Hold, Message)>,
     pending: Option<Message>,
     needs_flush: bool,
     reply: Option<Message>,
@@ -111,6 +124,7 @@ impl Pump {
     fn new(direction: Direction) -> Self {
         Self {
             direction,
+            held: None,
             pending: None,
             needs_flush: false,
             reply: None,
@@ -146,6 +160,23 @@ impl Pump {
                 }
                 self.reply_needs_flush = true;
             }
+            if let Some((mut hold, msg)) = self.held.take() {
+                match hold.as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => {
+                        inspector.released(self.direction, true);
+                        self.pending = Some(msg);
+                    }
+                    Poll::Ready(Err(reply)) => {
+                        inspector.released(self.direction, false);
+                        self.reply = Some(reply);
+                        continue;
+                    }
+                    Poll::Pending => {
+                        self.held = Some((hold, msg));
+                        return self.flush(cx, src, dst);
+                    }
+                }
+            }
             if let Some(msg) = self.pending.take() {
                 match Pin::new(&mut *dst).poll_ready(cx) {
                     Poll::Ready(Ok(())) => {}
@@ -173,6 +204,7 @@ impl Pump {
                 Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
                     match inspector.inspect(self.direction, &msg) {
                         Verdict::Forward => self.pending = Some(msg),
+                        Verdict::ForwardAfter(hold) => self.held = Some((hold, msg)),
                         Verdict::Reject { reply } => self.reply = reply,
                         Verdict::RejectAndClose => return Poll::Ready(PumpEnd::TooManyInvalid),
                     }
@@ -180,25 +212,33 @@ impl Pump {
                 Poll::Ready(Some(Ok(msg))) => self.pending = Some(msg),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(classify(&e)),
                 Poll::Ready(None) => return Poll::Ready(PumpEnd::Vanished),
-                Poll::Pending => {
-                    if self.needs_flush {
-                        match Pin::new(&mut *dst).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.needs_flush = false,
-                            Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
-                            Poll::Pending => {}
-                        }
-                    }
-                    if self.reply_needs_flush {
-                        match Pin::new(&mut *src).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.reply_needs_flush = false,
-                            Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::Vanished),
-                            Poll::Pending => {}
-                        }
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return self.flush(cx, src, dst),
             }
         }
+    }
+
+    /// Flushes what was written since the last flush, to both sides. Ready only when a
+    /// flush failed (the pump ends); otherwise Pending.
+    fn flush<S, D>(&mut self, cx: &mut Context<'_>, src: &mut S, dst: &mut D) -> Poll<PumpEnd>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+        D: Sink<Message, Error = WsError> + Unpin,
+    {
+        if self.needs_flush {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
+                Poll::Pending => {}
+            }
+        }
+        if self.reply_needs_flush {
+            match Pin::new(&mut *src).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.reply_needs_flush = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::Vanished),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -225,6 +265,7 @@ where
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(SessionEnd::Shutdown);
             }
+            inspector.poll_timers(cx);
             if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
                 return Poll::Ready(match end {
                     PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Device, f),

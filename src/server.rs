@@ -34,6 +34,8 @@ pub enum ServerError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Audit(#[from] crate::auditlog::AuditError),
     #[error("cannot start session worker threads: {0}")]
     Workers(std::io::Error),
 }
@@ -82,7 +84,34 @@ impl Server {
             config.backend.connect_timeout,
             config.websocket.tungstenite(),
         );
+        let audit = match &config.audit {
+            None => {
+                if config
+                    .routes
+                    .iter()
+                    .any(|r| r.kind == crate::routing::RouteKind::Control)
+                {
+                    tracing::warn!(
+                        "control routes without an [audit] section: commands are not recorded"
+                    );
+                }
+                None
+            }
+            Some(a) => {
+                let key = crate::auditlog::load_signing_key(&a.signing_key)?;
+                let (log, _thread) = crate::auditlog::AuditLog::open(
+                    crate::auditlog::WriterConfig {
+                        dir: a.dir.clone(),
+                        segment_bytes: a.segment_bytes,
+                        checkpoint_interval: a.checkpoint_interval,
+                    },
+                    key,
+                )?;
+                Some(log)
+            }
+        };
         let frames = FrameServices {
+            audit,
             schemas: Arc::new(ArcSwap::from_pointee(schemas)),
             rejections: Arc::new(RejectionStats::default()),
             deadletters,
@@ -231,6 +260,11 @@ impl Server {
                 grace_ms = grace.as_millis() as u64,
                 "shutdown grace period over; remaining sessions dropped"
             );
+        }
+        if let Some(audit) = &shared.audit {
+            if !audit.sync().await {
+                tracing::error!("audit log: not everything could be written before shutdown");
+            }
         }
         let registry = shared.registry.clone();
         match tokio::task::spawn_blocking(move || registry.flush()).await {

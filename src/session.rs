@@ -19,20 +19,27 @@ use tracing::Instrument;
 use arc_swap::ArcSwap;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::audit::{stored_payload, Event, RecordKind};
 use crate::backend::{Connector, DeviceIdentity};
+use crate::command::OpenCommands;
 use crate::config::{Config, StaleCrlPolicy};
 use crate::deadletter::DeadLetterSink;
 use crate::error::Refusal;
 use crate::frames::Encoding;
+use crate::frames::{self, RejectCode, Rejection};
 use crate::identity::{check_certificate, check_device, PeerCertificate};
 use crate::policy::{self, Direction, InvalidFrameLimit};
 use crate::registry::Registry;
 use crate::rejections::{LogDecision, LogLimiter, RejectionStats};
 use crate::relay::{Inspector, Verdict};
-use crate::routing::Route;
+use crate::routing::{Route, RouteKind};
 use crate::schema::{SchemaKind, SchemaSet};
 use crate::tls::TlsState;
 use crate::upgrade::{self, Parsed, UpgradeRequest};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::pin::Pin;
 
 /// Everything sessions share; built once per server.
 pub struct Shared {
@@ -44,6 +51,7 @@ pub struct Shared {
     pub schemas: Arc<ArcSwap<SchemaSet>>,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
+    pub audit: Option<crate::auditlog::AuditLog>,
     pub rejection_log: LogLimiter,
     boot_id: u64,
     next_connection: AtomicU64,
@@ -54,6 +62,7 @@ pub struct FrameServices {
     pub schemas: Arc<ArcSwap<SchemaSet>>,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
+    pub audit: Option<crate::auditlog::AuditLog>,
 }
 
 impl Shared {
@@ -78,6 +87,7 @@ impl Shared {
             schemas: frames.schemas,
             rejections: frames.rejections,
             deadletters: frames.deadletters,
+            audit: frames.audit,
             rejection_log: LogLimiter::new(crate::rejections::DEFAULT_LOG_LINES_PER_SECOND),
             boot_id,
             next_connection: AtomicU64::new(1),
@@ -110,40 +120,72 @@ struct Upgraded {
     backend_url: String,
 }
 
-/// Validates a session's frames and records what it rejects.
+/// Validates a session's frames, tracks its commands, and records what happens to them.
 struct SessionInspector<'a> {
     shared: &'a Shared,
     device_id: &'a str,
     device_type: &'a str,
     route: &'a Route,
+    backend_url: &'a str,
+    conn_id: &'a str,
     limit: InvalidFrameLimit,
     rejected: u64,
+    commands: OpenCommands,
+    /// The id of the command whose audit record is being written (held by the relay).
+    held_command: Option<Value>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Inspector for SessionInspector<'_> {
-    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
-        let schemas = self.shared.schemas.load();
-        let result = policy::check_frame(
-            &schemas,
-            self.device_type,
-            self.route.kind,
-            direction,
-            msg,
-            self.shared.config.limits,
-        );
-        let Err((encoding, rejection)) = result else {
-            return Verdict::Forward;
+impl SessionInspector<'_> {
+    fn event(&self, kind: RecordKind) -> Event {
+        Event {
+            device: self.device_id.to_string(),
+            kind: Some(kind),
+            route: Some(self.route.subprotocol.clone()),
+            backend: Some(self.backend_url.to_string()),
+            connection: Some(self.conn_id.to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn audit(&self, event: Event) {
+        if let Some(audit) = &self.shared.audit {
+            audit.record(event);
+        }
+    }
+
+    fn with_payload(&self, mut event: Event, frame: &[u8], value: Option<&Value>) -> Event {
+        let Some(cfg) = &self.shared.config.audit else {
+            return event;
         };
+        match value {
+            Some(v) => {
+                let (text, truncated, sha) =
+                    stored_payload(frame, v, &cfg.redact, cfg.max_payload_bytes);
+                event.payload = Some(text);
+                event.payload_truncated = truncated;
+                event.payload_sha256 = Some(sha);
+            }
+            None => event.payload_sha256 = Some(hex::encode(Sha256::digest(frame))),
+        }
+        event
+    }
+
+    /// Counts, dead-letters and logs a refused frame, records it in the audit log on control
+    /// routes, and says what the sender gets.
+    fn reject(
+        &mut self,
+        direction: Direction,
+        msg: &Message,
+        encoding: Encoding,
+        rejection: Rejection,
+    ) -> Verdict {
         self.rejected += 1;
         let code = rejection.code.as_str();
         self.shared
             .rejections
             .count(self.device_type, &self.route.subprotocol, code);
-        let payload: &[u8] = match msg {
-            Message::Text(t) => t.as_bytes(),
-            Message::Binary(b) => b,
-            _ => &[],
-        };
+        let payload = frame_bytes(msg);
         let encoding_name = match encoding {
             Encoding::Json => "json",
             Encoding::Cbor => "cbor",
@@ -157,6 +199,23 @@ impl Inspector for SessionInspector<'_> {
             payload,
             self.shared.config.deadletter.max_payload_bytes,
         ));
+        if self.route.kind == RouteKind::Control {
+            let mut event = self.event(RecordKind::Rejected);
+            event.command_id = rejection.id.clone();
+            event.detail = Some(format!(
+                "{} {}: {} {}",
+                if direction == Direction::Down {
+                    "command"
+                } else {
+                    "response"
+                },
+                code,
+                rejection.pointer,
+                rejection.message
+            ));
+            let event = self.with_payload(event, payload, None);
+            self.audit(event);
+        }
         if let LogDecision::Log { suppressed_before } =
             self.shared.rejection_log.check(Instant::now())
         {
@@ -180,6 +239,180 @@ impl Inspector for SessionInspector<'_> {
             .error_replies
             .then(|| policy::error_message(encoding, &rejection));
         Verdict::Reject { reply }
+    }
+
+    /// A valid command from the backend: recorded (durably) before it is forwarded.
+    fn command(&mut self, msg: &Message, value: &Value) -> Verdict {
+        let encoding = if matches!(msg, Message::Binary(_)) {
+            Encoding::Cbor
+        } else {
+            Encoding::Json
+        };
+        let Some(id) = frames::frame_id(value) else {
+            return Verdict::Forward;
+        };
+        if !self.commands.has_room() {
+            let mut r = Rejection::new(
+                RejectCode::RateLimited,
+                "",
+                format!(
+                    "the device has {} commands open; wait for answers or timeouts",
+                    self.commands.len()
+                ),
+            );
+            r.id = Some(id);
+            return self.reject(Direction::Down, msg, encoding, r);
+        }
+        let Some(audit) = self.shared.audit.clone() else {
+            self.commands.sent(&id, Instant::now());
+            return Verdict::Forward;
+        };
+        let mut event = self.event(RecordKind::CommandSent);
+        event.command_id = Some(id.clone());
+        let event = self.with_payload(event, frame_bytes(msg), Some(value));
+        self.held_command = Some(id.clone());
+        Verdict::ForwardAfter(Box::pin(async move {
+            match audit.record_durable(event).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let mut r = Rejection::new(
+                        RejectCode::AuditUnavailable,
+                        "",
+                        "the command was not delivered: the audit log cannot be written",
+                    );
+                    r.id = Some(id);
+                    tracing::warn!(error = %e, "command refused: audit log unavailable");
+                    Err(policy::error_message(encoding, &r))
+                }
+            }
+        }))
+    }
+
+    /// A valid frame from the device on a control route: the answer to a command, or not.
+    fn response(&mut self, value: &Value) {
+        let mut event = match frames::frame_id(value) {
+            Some(id) => match self.commands.answer(&id, Instant::now()) {
+                Some(rtt) => {
+                    let mut e = self.event(RecordKind::Responded);
+                    e.rtt_us = Some(rtt.as_micros() as u64);
+                    e.verdict = Some(match value.get("status") {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => "answered".into(),
+                    });
+                    e.command_id = Some(id);
+                    e
+                }
+                None => {
+                    let mut e = self.event(RecordKind::UnmatchedResponse);
+                    e.command_id = Some(id);
+                    e
+                }
+            },
+            None => {
+                let mut e = self.event(RecordKind::UnmatchedResponse);
+                e.detail = Some("no id".into());
+                e
+            }
+        };
+        if let Some(cfg) = &self.shared.config.audit {
+            let mut v = value.clone();
+            crate::audit::redact(&mut v, &cfg.redact);
+            let (text, truncated, _) = stored_payload(&[], &v, &cfg.redact, cfg.max_payload_bytes);
+            event.payload = Some(text);
+            event.payload_truncated = truncated;
+        }
+        self.audit(event);
+    }
+
+    /// Records every command still open (the session is ending).
+    fn finish(&mut self) {
+        for id in self.commands.drain() {
+            let mut e = self.event(RecordKind::Unanswered);
+            e.command_id = Some(id);
+            e.detail = Some("the session ended before the device answered".into());
+            self.audit(e);
+        }
+    }
+}
+
+fn frame_bytes(msg: &Message) -> &[u8] {
+    match msg {
+        Message::Text(t) => t.as_bytes(),
+        Message::Binary(b) => b,
+        _ => &[],
+    }
+}
+
+impl Inspector for SessionInspector<'_> {
+    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
+        let schemas = self.shared.schemas.load();
+        let result = policy::check_frame(
+            &schemas,
+            self.device_type,
+            self.route.kind,
+            direction,
+            msg,
+            self.shared.config.limits,
+        );
+        drop(schemas);
+        match result {
+            Ok(Some(value)) if self.route.kind == RouteKind::Control => match direction {
+                Direction::Down => self.command(msg, &value),
+                Direction::Up => {
+                    self.response(&value);
+                    Verdict::Forward
+                }
+            },
+            Ok(_) => Verdict::Forward,
+            Err((encoding, rejection)) => self.reject(direction, msg, encoding, rejection),
+        }
+    }
+
+    fn released(&mut self, _direction: Direction, forwarded: bool) {
+        let Some(id) = self.held_command.take() else {
+            return;
+        };
+        if forwarded {
+            self.commands.sent(&id, Instant::now());
+        } else {
+            self.rejected += 1;
+            self.shared.rejections.count(
+                self.device_type,
+                &self.route.subprotocol,
+                RejectCode::AuditUnavailable.as_str(),
+            );
+            let mut e = self.event(RecordKind::Rejected);
+            e.command_id = Some(id);
+            e.detail = Some("command audit-unavailable: not delivered".into());
+            // Queued for the writer's retry; it lands when the disk works again.
+            self.audit(e);
+        }
+    }
+
+    fn poll_timers(&mut self, cx: &mut std::task::Context<'_>) {
+        loop {
+            let Some(deadline) = self.commands.next_deadline() else {
+                self.timer = None;
+                return;
+            };
+            let deadline = tokio::time::Instant::from_std(deadline);
+            match &mut self.timer {
+                Some(t) if t.deadline() == deadline => {}
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            let Some(timer) = self.timer.as_mut() else {
+                return;
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            for id in self.commands.expire(Instant::now()) {
+                let mut e = self.event(RecordKind::TimedOut);
+                e.command_id = Some(id);
+                self.audit(e);
+            }
+        }
     }
 }
 
@@ -223,12 +456,26 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             device_id: &device_id,
             device_type: &device_type,
             route: &route,
+            backend_url: &backend_url,
+            conn_id: &conn_id,
             limit: InvalidFrameLimit::new(
                 route.frames.invalid_frame_limit,
                 route.frames.invalid_frame_window,
             ),
             rejected: 0,
+            commands: OpenCommands::new(
+                shared
+                    .config
+                    .audit
+                    .as_ref()
+                    .map(|a| a.command_timeout)
+                    .unwrap_or(crate::config::DEFAULT_COMMAND_TIMEOUT),
+                crate::command::DEFAULT_MAX_OPEN,
+            ),
+            held_command: None,
+            timer: None,
         };
+        inspector.audit(inspector.event(RecordKind::Connected));
         let (end, stats) = crate::relay::relay(
             &mut device,
             &mut backend,
@@ -237,6 +484,10 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             &mut inspector,
         )
         .await;
+        inspector.finish();
+        let mut disconnected = inspector.event(RecordKind::Disconnected);
+        disconnected.detail = Some(end.describe());
+        inspector.audit(disconnected);
         let rejected = inspector.rejected;
         tracing::info!(
             device.id = %device_id,
@@ -307,6 +558,14 @@ async fn handshake(
     let (device, route) = match decision {
         Ok(ok) => ok,
         Err((refusal, device_id)) => {
+            // Attribute the refusal to the enrolled device when there is one, even when the
+            // certificate check came first.
+            let device_id = device_id.or_else(|| {
+                shared
+                    .registry
+                    .lookup(&cert.fingerprint)
+                    .map(|d| d.id.clone())
+            });
             tracing::info!(
                 refusal = refusal.code(),
                 device.id = device_id.as_deref().unwrap_or("-"),
@@ -314,6 +573,15 @@ async fn handshake(
                 tls.resumed = resumed,
                 "refused before the upgrade"
             );
+            if let (Some(audit), Some(id)) = (&shared.audit, &device_id) {
+                audit.record(Event {
+                    device: id.clone(),
+                    kind: Some(RecordKind::Refused),
+                    connection: Some(conn_id.to_string()),
+                    detail: Some(format!("HTTP {} {}", refusal.status(), refusal.code())),
+                    ..Default::default()
+                });
+            }
             refuse(&mut tls, &refusal).await?;
             return Ok(Admitted::Refused);
         }
