@@ -163,13 +163,19 @@ pub struct WriterConfig {
     pub checkpoint_interval: Duration,
 }
 
+type Reply = oneshot::Sender<Result<Record, AuditError>>;
+
+// `Append` is nearly every request; boxing it would add an allocation per record.
+#[allow(clippy::large_enum_variant)]
 enum Request {
     Append {
         event: Event,
-        reply: Option<oneshot::Sender<Result<Record, AuditError>>>,
+        reply: Option<Reply>,
     },
     /// Sync everything and sign checkpoints now.
-    Sync { reply: oneshot::Sender<bool> },
+    Sync {
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// The sessions' handle on the log.
@@ -433,7 +439,7 @@ impl Writer {
 
     fn write_batch(&mut self, batch: Vec<Request>, must_sync: bool) {
         // Records waiting for a retry go first, in their original order.
-        let mut items: Vec<(Event, Option<oneshot::Sender<Result<Record, AuditError>>>)> =
+        let mut items: Vec<(Event, Option<Reply>)> =
             self.retry.drain(..).map(|e| (e, None)).collect();
         items.extend(batch.into_iter().filter_map(|r| match r {
             Request::Append { event, reply } => Some((event, reply)),
