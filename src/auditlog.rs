@@ -696,3 +696,96 @@ mod tests {
         verify_device("d1", &c.records["d1"], &c.checkpoints, &pk, None).unwrap();
     }
 }
+
+/// The result of verifying a whole directory (or one device in it).
+#[derive(Debug)]
+pub struct DirVerdict {
+    pub verified: Vec<crate::audit::Verified>,
+    pub failures: Vec<crate::audit::Failure>,
+}
+
+/// Verifies every device (or just `device`) of an audit directory with the public key.
+pub fn verify_dir(
+    dir: &Path,
+    public_key: &[u8; 32],
+    device: Option<&str>,
+) -> Result<DirVerdict, AuditError> {
+    let contents = read(dir)?;
+    let mut out = DirVerdict {
+        verified: Vec::new(),
+        failures: Vec::new(),
+    };
+    for (path, line, error) in &contents.unreadable {
+        out.failures.push(crate::audit::Failure {
+            device: "?".into(),
+            seq: 0,
+            reason: format!("{} line {line} is not a record ({error})", path.display()),
+        });
+    }
+    let mut devices: Vec<&String> = contents.records.keys().collect();
+    // A device with checkpoints but no records left was truncated to nothing.
+    for cp in &contents.checkpoints {
+        if !contents.records.contains_key(&cp.device) && !devices.contains(&&cp.device) {
+            devices.push(&cp.device);
+        }
+    }
+    let empty = Vec::new();
+    for d in devices {
+        if device.is_some_and(|want| want != d) {
+            continue;
+        }
+        let records = contents.records.get(d).unwrap_or(&empty);
+        match crate::audit::verify_device(d, records, &contents.checkpoints, public_key, None) {
+            Ok(v) => out.verified.push(v),
+            Err(f) => out.failures.push(f),
+        }
+    }
+    Ok(out)
+}
+
+/// A self-contained export of one device's log, verifiable offline with the public key.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    pub format: String,
+    pub device: String,
+    pub records: Vec<Record>,
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+pub const EXPORT_FORMAT: &str = "gatehouse-audit-export/v1";
+
+pub fn export(dir: &Path, device: &str) -> Result<Export, AuditError> {
+    let mut contents = read(dir)?;
+    Ok(Export {
+        format: EXPORT_FORMAT.into(),
+        device: device.to_string(),
+        records: contents.records.remove(device).unwrap_or_default(),
+        checkpoints: contents
+            .checkpoints
+            .into_iter()
+            .filter(|c| c.device == device)
+            .collect(),
+    })
+}
+
+/// Verifies an export file's contents.
+pub fn verify_export(
+    export: &Export,
+    public_key: &[u8; 32],
+) -> Result<crate::audit::Verified, crate::audit::Failure> {
+    if export.format != EXPORT_FORMAT {
+        return Err(crate::audit::Failure {
+            device: export.device.clone(),
+            seq: 0,
+            reason: format!("not a {EXPORT_FORMAT} file"),
+        });
+    }
+    crate::audit::verify_device(
+        &export.device,
+        &export.records,
+        &export.checkpoints,
+        public_key,
+        None,
+    )
+}

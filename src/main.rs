@@ -52,6 +52,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Query, verify and export the per-device command audit log.
+    Audit {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Ask the running gateway to reload TLS material and schemas (like SIGHUP).
     Reload {
         #[arg(long, env = "GATEHOUSE_CONFIG")]
@@ -63,6 +70,41 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         command: DevicesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// A device's records, oldest first.
+    Show {
+        device: String,
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records about this command id.
+        #[arg(long)]
+        command: Option<String>,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify chains and signed checkpoints: one device, --all, or an export --file.
+    Verify {
+        device: Option<String>,
+        #[arg(long, conflicts_with = "device")]
+        all: bool,
+        /// Verify an export file instead of the log (needs --key).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Public key file (audit.pub); default: [audit] public_key from the config.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Write a device's records and checkpoints to a self-contained file.
+    Export {
+        device: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -201,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deadletters { config, id, json } => {
             deadletters(&Config::load(&config)?, &id, json)
         }
+        Command::Audit { config, command } => audit(config.as_deref(), command),
         Command::Reload { config } => {
             let config = Config::load(&config)?;
             let Some(admin) = &config.admin else {
@@ -303,6 +346,202 @@ fn manifest_enrollments(path: &Path) -> anyhow::Result<Vec<Enrollment>> {
         });
     }
     Ok(out)
+}
+
+fn audit(config: Option<&Path>, command: AuditCommand) -> anyhow::Result<()> {
+    use gatehouse::auditlog;
+    let load = || -> anyhow::Result<gatehouse::config::AuditConfig> {
+        let Some(path) = config else {
+            bail!("give --config (or GATEHOUSE_CONFIG) to find the audit log");
+        };
+        Config::load(path)?
+            .audit
+            .ok_or_else(|| anyhow::anyhow!("the config has no [audit] section"))
+    };
+    match command {
+        AuditCommand::Show {
+            device,
+            since,
+            command,
+            json,
+        } => {
+            let cfg = load()?;
+            let since_ms = match since {
+                Some(t) => Some(
+                    (time::OffsetDateTime::parse(
+                        &t,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .with_context(|| {
+                        format!("--since {t:?} is not an RFC 3339 time, e.g. 2026-11-25T10:00:00Z")
+                    })?
+                    .unix_timestamp_nanos()
+                        / 1_000_000) as i64,
+                ),
+                None => None,
+            };
+            let mut contents = auditlog::read(&cfg.dir)?;
+            let records = contents.records.remove(&device).unwrap_or_default();
+            let matches_command = |r: &gatehouse::audit::Record| match (&command, &r.command_id) {
+                (None, _) => true,
+                (Some(want), Some(id)) => {
+                    id.as_str().map(|s| s == want).unwrap_or(false) || id.to_string() == *want
+                }
+                (Some(_), None) => false,
+            };
+            let shown: Vec<_> = records
+                .iter()
+                .filter(|r| since_ms.is_none_or(|s| r.time_ms >= s))
+                .filter(|r| matches_command(r))
+                .collect();
+            if json {
+                for r in &shown {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(());
+            }
+            if shown.is_empty() {
+                println!("no records for {device}");
+                return Ok(());
+            }
+            println!(
+                "{:>6}  {:<24} {:<18} {:<10} {:<8} {:>9}  DETAIL",
+                "SEQ", "TIME (UTC)", "KIND", "COMMAND", "VERDICT", "RTT"
+            );
+            for r in shown {
+                let time = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(r.time_ms) * 1_000_000,
+                )
+                .map(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                })
+                .unwrap_or_default();
+                let id = r
+                    .command_id
+                    .as_ref()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .unwrap_or_default();
+                let rtt = r
+                    .rtt_us
+                    .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+                    .unwrap_or_default();
+                let detail = r
+                    .detail
+                    .clone()
+                    .or_else(|| r.payload.clone())
+                    .unwrap_or_default();
+                println!(
+                    "{:>6}  {:<24} {:<18} {:<10} {:<8} {:>9}  {}",
+                    r.seq,
+                    time,
+                    r.kind.as_str(),
+                    id,
+                    r.verdict.as_deref().unwrap_or(""),
+                    rtt,
+                    detail
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Verify {
+            device,
+            all,
+            file,
+            key,
+        } => {
+            let key_path = match key {
+                Some(k) => k,
+                None => load()?.public_key.ok_or_else(|| {
+                    anyhow::anyhow!("give --key audit.pub (or set [audit] public_key)")
+                })?,
+            };
+            let public = auditlog::load_public_key(&key_path)?;
+            if let Some(file) = file {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("{}", file.display()))?;
+                let export: auditlog::Export = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not an audit export", file.display()))?;
+                return match auditlog::verify_export(&export, &public) {
+                    Ok(v) => {
+                        println!(
+                            "OK   {}: {} records, signed up to {}",
+                            v.device,
+                            v.records,
+                            v.checkpointed_to
+                                .map(|s| s.to_string())
+                                .unwrap_or_else(|| "none".into())
+                        );
+                        Ok(())
+                    }
+                    Err(f) => bail!("FAILED {f}"),
+                };
+            }
+            if device.is_none() && !all {
+                bail!("give a DEVICE, --all, or --file FILE");
+            }
+            let cfg = load()?;
+            let verdict = auditlog::verify_dir(&cfg.dir, &public, device.as_deref())?;
+            for v in &verdict.verified {
+                println!(
+                    "OK     {}: {} records, signed up to {}{}",
+                    v.device,
+                    v.records,
+                    v.checkpointed_to
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    if v.unsigned_tail > 0 {
+                        format!(
+                            " ({} newer records covered by the chain only)",
+                            v.unsigned_tail
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            for f in &verdict.failures {
+                println!("FAILED {f}");
+            }
+            if let Some(d) = &device {
+                if verdict.verified.is_empty() && verdict.failures.is_empty() {
+                    bail!("no audit records for {d}");
+                }
+            }
+            if verdict.failures.is_empty() {
+                println!("verified: {} device log(s) intact", verdict.verified.len());
+                Ok(())
+            } else {
+                bail!(
+                    "{} device log(s) failed verification",
+                    verdict.failures.len()
+                )
+            }
+        }
+        AuditCommand::Export { device, out } => {
+            let cfg = load()?;
+            let export = auditlog::export(&cfg.dir, &device)?;
+            if export.records.is_empty() {
+                bail!("no audit records for {device}");
+            }
+            gatehouse_pki::write_atomic(
+                &out,
+                serde_json::to_string_pretty(&export)?.as_bytes(),
+                false,
+            )?;
+            println!(
+                "exported {} records and {} checkpoints of {device} to {}",
+                export.records.len(),
+                export.checkpoints.len(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn deadletters(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
