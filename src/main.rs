@@ -385,7 +385,8 @@ fn audit(config: Option<&Path>, command: AuditCommand) -> anyhow::Result<()> {
             let matches_command = |r: &gatehouse::audit::Record| match (&command, &r.command_id) {
                 (None, _) => true,
                 (Some(want), Some(id)) => {
-                    id.as_str().map(|s| s == want).unwrap_or(false) || id.to_string() == *want
+                    id.as_str() == Some(want.as_str())
+                        || id.as_u64().is_some_and(|n| want.parse() == Ok(n))
                 }
                 (Some(_), None) => false,
             };
