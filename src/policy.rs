@@ -66,12 +66,6 @@ pub fn check_frame(
         return Ok(None);
     }
     let value = frames::decode(encoding, bytes, limits).map_err(|r| (encoding, r))?;
-    if let Some(validator) = validator {
-        schema::validate(validator, &value).map_err(|mut r| {
-            r.id = frames::frame_id(&value);
-            (encoding, r)
-        })?;
-    }
     if kind == RouteKind::Control
         && direction == Direction::Down
         && frames::frame_id(&value).is_none()
@@ -87,6 +81,12 @@ pub fn check_frame(
                 ),
             ),
         ));
+    }
+    if let Some(validator) = validator {
+        schema::validate(validator, &value).map_err(|mut r| {
+            r.id = frames::frame_id(&value);
+            (encoding, r)
+        })?;
     }
     Ok(Some(value))
 }

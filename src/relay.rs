@@ -265,7 +265,6 @@ where
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(SessionEnd::Shutdown);
             }
-            inspector.poll_timers(cx);
             if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
                 return Poll::Ready(match end {
                     PumpEnd::Closed(f) => SessionEnd::ClosedBy(Closer::Device, f),
@@ -286,6 +285,8 @@ where
                     PumpEnd::TooManyInvalid => SessionEnd::BackendProtocolError(CloseCode::Invalid),
                 });
             }
+            // After the pumps: a command they just released arms its timeout here.
+            inspector.poll_timers(cx);
             Poll::Pending
         })
         .await

@@ -135,6 +135,11 @@ impl Server {
         self.shared.rejections.clone()
     }
 
+    /// The audit log handle, when `[audit]` is configured.
+    pub fn audit(&self) -> Option<crate::auditlog::AuditLog> {
+        self.shared.audit.clone()
+    }
+
     pub fn deadletters(&self) -> Arc<DeadLetterStore> {
         self.deadletter_store.clone()
     }

@@ -192,6 +192,8 @@ pub struct RouteSpec {
 
 pub struct Options {
     pub routes: Vec<RouteSpec>,
+    /// Extra lines for an [audit] section; with `Some`, a signing key is made in the test dir.
+    pub audit: Option<String>,
     pub stale_crl: &'static str,
     pub session_resumption: bool,
     pub handshake_timeout_ms: u64,
@@ -208,6 +210,7 @@ impl Options {
     pub fn new(routes: Vec<RouteSpec>) -> Self {
         Self {
             routes,
+            audit: None,
             stale_crl: "refuse",
             session_resumption: true,
             handshake_timeout_ms: 5000,
@@ -231,6 +234,7 @@ pub struct Gateway {
     pub tls: Arc<gatehouse::tls::TlsState>,
     pub deadletters: Arc<gatehouse::deadletter::DeadLetterStore>,
     pub schemas: Arc<arc_swap::ArcSwap<gatehouse::schema::SchemaSet>>,
+    pub audit: Option<gatehouse::auditlog::AuditLog>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     revoked: std::sync::Mutex<Vec<Revocation>>,
@@ -324,6 +328,15 @@ connect_timeout_ms = 2000
                     ),
             tail = options.tail,
         );
+        let mut text = text;
+        if let Some(extra) = &options.audit {
+            let key = gatehouse_pki::AuditKey::generate().unwrap();
+            std::fs::write(dir.path().join("audit.key"), &key.private_pem).unwrap();
+            std::fs::write(dir.path().join("audit.pub"), key.public_line()).unwrap();
+            text.push_str(&format!(
+                "\n[audit]\ndir = \"audit\"\nsigning_key = \"audit.key\"\npublic_key = \"audit.pub\"\n{extra}\n"
+            ));
+        }
         let config_path = dir.path().join("gatehouse.toml");
         std::fs::write(&config_path, text).unwrap();
         let config = gatehouse::Config::load(&config_path).unwrap();
@@ -334,6 +347,7 @@ connect_timeout_ms = 2000
         let tls = server.tls();
         let deadletters = server.deadletters();
         let schemas = server.schemas();
+        let audit = server.audit();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -352,6 +366,7 @@ connect_timeout_ms = 2000
             tls,
             deadletters,
             schemas,
+            audit,
             shutdown,
             task,
             revoked: std::sync::Mutex::new(Vec::new()),
