@@ -767,6 +767,7 @@ mod example_tests {
         std::fs::write(&path, example).unwrap();
         std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123456789").unwrap();
         let c = Config::load(&path).unwrap();
+        assert_eq!(c.audit.as_ref().unwrap().redact, vec!["code".to_string()]);
         assert_eq!(c.routes.iter().count(), 2);
         assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9443".parse().unwrap());
         assert_eq!(c.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
