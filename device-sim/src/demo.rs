@@ -70,6 +70,9 @@ pub struct DemoSummary {
     pub commands_sent: u64,
     pub commands_answered: u64,
     pub responses_delivered: u64,
+    pub audit_devices_verified: usize,
+    pub audit_failures: usize,
+    pub lock_commands_recorded: usize,
     /// What the faulty sensor got back for each frame.
     pub faulty_replies: Vec<String>,
     /// Dead letters stored for the faulty sensor.
@@ -176,6 +179,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         &DeviceCertOptions::default(),
     )?;
     pki.revoke("stolen-lock")?;
+    pki.issue_audit_key(false)?;
     println!(
         "[1] pki: CA, server certificate, {} env-sensor and {} door-lock certificates, CRL revoking stolen-lock ({:.0?})",
         sensors.devices.len(),
@@ -229,6 +233,13 @@ path = "registry"
 
 [schemas]
 dir = "schemas"
+
+[audit]
+dir = "audit"
+signing_key = "pki/audit.key"
+public_key = "pki/audit.pub"
+checkpoint_interval_ms = 1000
+command_timeout_ms = 5000
 
 [[route]]
 subprotocol = "telemetry.v1"
@@ -362,7 +373,48 @@ backends = ["{control_url}"]
     backends_stop.cancel();
     let _ = ingest_task.await;
     let _ = control_task.await;
-    println!("[8] gateway stopped cleanly (sessions closed with 1001, registry flushed)");
+    println!("[8] gateway stopped cleanly (sessions closed with 1001, audit log synced and signed, registry flushed)");
+
+    // 9. One lock's audit log, and verification with only the public key.
+    let audit_dir = dir.join("audit");
+    let contents = gatehouse::auditlog::read(&audit_dir)?;
+    let lock_log = contents
+        .records
+        .get("lock-00001")
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "[9] audit log of lock-00001 (`gatehouse audit show lock-00001`), {} records, last 8:",
+        lock_log.len()
+    );
+    for r in lock_log.iter().rev().take(8).rev() {
+        let id = r
+            .command_id
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let what = match (&r.verdict, r.rtt_us, &r.detail) {
+            (Some(v), Some(rtt), _) => format!("verdict {v}, {:.1} ms", rtt as f64 / 1000.0),
+            (_, _, Some(d)) => d.clone(),
+            _ => r.payload.clone().unwrap_or_default(),
+        };
+        println!(
+            "    #{:<4} {:<18} {:<6} {}",
+            r.seq,
+            r.kind.as_str(),
+            id,
+            what
+        );
+    }
+    let public = gatehouse::auditlog::load_public_key(&pki_dir.join(PkiDir::AUDIT_PUB))?;
+    let verdict = gatehouse::auditlog::verify_dir(&audit_dir, &public, None)?;
+    println!(
+        "    `gatehouse audit verify --all`: {} device logs intact, {} failures ({} records in all, every chain signed up to its last record: {})",
+        verdict.verified.len(),
+        verdict.failures.len(),
+        verdict.verified.iter().map(|v| v.records).sum::<u64>(),
+        verdict.verified.iter().all(|v| v.unsigned_tail == 0)
+    );
     if options.keep {
         let kept = work.keep();
         println!("    work directory kept: {}", kept.display());
@@ -373,6 +425,12 @@ backends = ["{control_url}"]
         locks_connected: lock_report.connected,
         telemetry_sent: sensor_report.frames_sent,
         telemetry_delivered: delivered,
+        audit_devices_verified: verdict.verified.len(),
+        audit_failures: verdict.failures.len(),
+        lock_commands_recorded: lock_log
+            .iter()
+            .filter(|r| r.kind == gatehouse::audit::RecordKind::CommandSent)
+            .count(),
         faulty_replies: faulty
             .exchanges
             .iter()
