@@ -21,7 +21,10 @@ fn event(device: String, n: u64) -> Event {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     // Run in the target directory, on the same file system as the build (not tmpfs).
     let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = tempfile::tempdir_in(base).unwrap();
