@@ -12,16 +12,6 @@ use gatehouse::audit::{Record, RecordKind};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn next_msg<S>(ws: &mut S) -> Message
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    within(ws.next())
-        .await
-        .expect("stream ended")
-        .expect("read error")
-}
-
 fn records(gw: &Gateway, device: &str) -> Vec<Record> {
     let mut c = gatehouse::auditlog::read(&gw.dir.path().join("audit")).unwrap();
     c.records.remove(device).unwrap_or_default()

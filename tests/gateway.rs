@@ -9,16 +9,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn next_msg<S>(ws: &mut S) -> Message
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    within(ws.next())
-        .await
-        .expect("stream ended")
-        .expect("read error")
-}
-
 /// Reads until a close frame and returns it.
 async fn next_close<S>(ws: &mut S) -> Option<CloseFrame>
 where
@@ -332,29 +322,13 @@ async fn suspension_through_the_admin_cli_applies_to_the_next_handshake() {
     let (_dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     let _be = ingest.next().await;
 
-    // The config names admin.listen 127.0.0.1:0, so point the CLI at the real port.
-    let text = std::fs::read_to_string(&gw.config_path).unwrap().replace(
-        "listen = \"127.0.0.1:0\"\ntoken_file",
-        &format!("listen = \"{}\"\ntoken_file", gw.admin_addr),
-    );
-    let cli_config = gw.dir.path().join("cli.toml");
-    std::fs::write(&cli_config, text).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["devices", "--config"])
-            .arg(&cli_config)
-            .args(["suspend", "s-admin"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("suspended"));
+    let (ok, stdout, stderr) = gatehouse_cli(
+        &gw,
+        &["devices", "--config", "{config}", "suspend", "s-admin"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("suspended"));
 
     let err = gw
         .connect(Some(&sensor), &["telemetry.v1"])

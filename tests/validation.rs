@@ -5,20 +5,10 @@
 mod common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-
-async fn next_msg<S>(ws: &mut S) -> Message
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    within(ws.next())
-        .await
-        .expect("stream ended")
-        .expect("read error")
-}
 
 fn cbor(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
@@ -264,28 +254,13 @@ async fn dead_letters_keep_the_last_rejected_frames() {
     assert_eq!(counts[0].device_type, "env-sensor");
 
     // The CLI shows them too.
-    let text = std::fs::read_to_string(&gw.config_path).unwrap().replace(
-        "listen = \"127.0.0.1:0\"\ntoken_file",
-        &format!("listen = \"{}\"\ntoken_file", gw.admin_addr),
-    );
-    let cli_config = gw.dir.path().join("cli.toml");
-    std::fs::write(&cli_config, text).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["deadletters", "--config"])
-            .arg(&cli_config)
-            .args(["s-dl", "--json"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let (ok, stdout, stderr) = gatehouse_cli(
+        &gw,
+        &["deadletters", "--config", "{config}", "s-dl", "--json"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 3);
     gw.stop().await;
 }
 

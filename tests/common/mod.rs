@@ -31,6 +31,51 @@ pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f).await.expect("timed out")
 }
 
+/// The next message of a WebSocket, within [`WAIT`].
+pub async fn next_msg<S>(ws: &mut S) -> tokio_tungstenite::tungstenite::Message
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    within(ws.next())
+        .await
+        .expect("stream ended")
+        .expect("read error")
+}
+
+/// Runs the `gatehouse` binary with `args`, the config pointed at this gateway's real admin
+/// port (the test config says 127.0.0.1:0). Returns (success, stdout, stderr).
+pub async fn gatehouse_cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
+    let text = std::fs::read_to_string(&gw.config_path).unwrap().replace(
+        "listen = \"127.0.0.1:0\"\ntoken_file",
+        &format!("listen = \"{}\"\ntoken_file", gw.admin_addr),
+    );
+    let cli_config = gw.dir.path().join("cli.toml");
+    std::fs::write(&cli_config, text).unwrap();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("{config}", cli_config.to_str().unwrap()))
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Any byte stream a backend connection can run over (plain TCP or TLS).
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
