@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use gatehouse::audit::{Record, RecordKind};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
