@@ -3,6 +3,7 @@
 //! change takes effect for the next handshake. Owns the HTTP mapping of registry errors; the
 //! registry rules themselves live in `registry`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct AdminState {
     pub schemas_dir: std::path::PathBuf,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: Arc<DeadLetterStore>,
+    /// `[audit]`: the directory and the public key file, when configured.
+    pub audit: Option<crate::config::AuditConfig>,
 }
 
 /// Body of `POST /v1/devices`.
@@ -247,6 +250,124 @@ async fn deadletters(
     Ok(Json(blocking(move || store.list(&id)).await?))
 }
 
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    since_ms: Option<i64>,
+    command: Option<String>,
+}
+
+fn audit_cfg(s: &AdminState) -> Result<crate::config::AuditConfig, ApiError> {
+    s.audit.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "no [audit] section is configured".into(),
+        )
+    })
+}
+
+async fn audit_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::auditlog::AuditError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("task failed: {e}"),
+        )),
+    }
+}
+
+async fn audit_show(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
+    authorize(&s, &headers)?;
+    let cfg = audit_cfg(&s)?;
+    let export = audit_blocking(move || crate::auditlog::export(&cfg.dir, &id)).await?;
+    Ok(Json(
+        export
+            .records
+            .into_iter()
+            .filter(|r| q.since_ms.is_none_or(|t| r.time_ms >= t))
+            .filter(|r| match (&q.command, &r.command_id) {
+                (None, _) => true,
+                (Some(want), Some(id)) => {
+                    id.as_str() == Some(want.as_str())
+                        || id.as_u64().is_some_and(|n| want.parse() == Ok(n))
+                }
+                (Some(_), None) => false,
+            })
+            .collect(),
+    ))
+}
+
+async fn audit_export(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<crate::auditlog::Export>, ApiError> {
+    authorize(&s, &headers)?;
+    let cfg = audit_cfg(&s)?;
+    Ok(Json(
+        audit_blocking(move || crate::auditlog::export(&cfg.dir, &id)).await?,
+    ))
+}
+
+/// One line per device: `ok` with counts, or the first failure.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    pub device: String,
+    pub ok: bool,
+    pub records: u64,
+    pub checkpointed_to: Option<u64>,
+    pub failed_seq: Option<u64>,
+    pub reason: Option<String>,
+}
+
+async fn audit_verify(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> Result<Json<Vec<AuditVerdict>>, ApiError> {
+    authorize(&s, &headers)?;
+    let cfg = audit_cfg(&s)?;
+    let key_path = cfg.public_key.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "[audit] public_key is not configured".into(),
+        )
+    })?;
+    let device = q.get("device").cloned();
+    let verdict = audit_blocking(move || {
+        let key = crate::auditlog::load_public_key(&key_path)?;
+        crate::auditlog::verify_dir(&cfg.dir, &key, device.as_deref())
+    })
+    .await?;
+    let mut out: Vec<AuditVerdict> = verdict
+        .verified
+        .into_iter()
+        .map(|v| AuditVerdict {
+            device: v.device,
+            ok: true,
+            records: v.records,
+            checkpointed_to: v.checkpointed_to,
+            failed_seq: None,
+            reason: None,
+        })
+        .collect();
+    out.extend(verdict.failures.into_iter().map(|f| AuditVerdict {
+        device: f.device,
+        ok: false,
+        records: 0,
+        checkpointed_to: None,
+        failed_seq: Some(f.seq),
+        reason: Some(f.reason),
+    }));
+    Ok(Json(out))
+}
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
@@ -259,6 +380,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/tls/reload", post(reload_tls))
         .route("/v1/schemas/reload", post(reload_schemas))
         .route("/v1/stats/rejections", get(rejections))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/audit/{id}", get(audit_show))
+        .route("/v1/audit/{id}/export", get(audit_export))
         .with_state(state)
 }
 
@@ -401,6 +525,28 @@ impl AdminClient {
         let r = self
             .agent
             .get(format!("{}/v1/stats/rejections", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn audit_verify(&self, device: Option<&str>) -> Result<Vec<AuditVerdict>, ClientError> {
+        let mut url = format!("{}/v1/audit/verify", self.base);
+        if let Some(d) = device {
+            url.push_str(&format!("?device={d}"));
+        }
+        let r = self
+            .agent
+            .get(url)
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    pub fn audit_show(&self, device: &str) -> Result<Vec<crate::audit::Record>, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/v1/audit/{device}", self.base))
             .header("Authorization", self.auth())
             .call();
         self.finish(r)

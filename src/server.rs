@@ -188,6 +188,7 @@ impl Server {
                     schemas_dir: shared.config.schemas_dir.clone(),
                     rejections: shared.rejections.clone(),
                     deadletters: self.deadletter_store.clone(),
+                    audit: shared.config.audit.clone(),
                 };
                 let token = shutdown.clone();
                 self.tracker.spawn(async move {

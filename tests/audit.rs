@@ -188,6 +188,21 @@ async fn the_command_lifecycle_is_recorded_and_verifies() {
     };
     let (ok, out) = cli(&["verify", "--all"]);
     assert!(ok, "{out}");
+    // And through the admin API.
+    let client = gw.admin_client();
+    let (verdicts, shown) = tokio::task::spawn_blocking(move || {
+        (
+            client.audit_verify(None).unwrap(),
+            client.audit_show("lock-a").unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        verdicts.iter().all(|v| v.ok) && verdicts.iter().any(|v| v.device == "lock-a"),
+        "{verdicts:?}"
+    );
+    assert_eq!(shown, records(&gw, "lock-a"));
     let (ok, out) = cli(&["show", "lock-a", "--command", "1"]);
     assert!(
         ok && out.contains("command_sent") && out.contains("responded"),
