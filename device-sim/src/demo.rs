@@ -343,6 +343,7 @@ backends = ["{control_url}"]
         connect_timeout: Duration::from_secs(5),
         sources: Vec::new(),
         response_delay: Duration::from_millis(5),
+        error_rate: 0.1,
     };
     let sensor_devices = fleet::from_manifest(&pki_dir.join("fleet-sensor.json"), &roots)?;
     let lock_devices = fleet::from_manifest(&pki_dir.join("fleet-lock.json"), &roots)?;

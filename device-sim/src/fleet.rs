@@ -97,6 +97,8 @@ pub struct FleetOptions {
     pub sources: Vec<IpAddr>,
     /// Delay before a device answers a command.
     pub response_delay: Duration,
+    /// Fraction of commands answered with `"status":"error"` (0.0-1.0).
+    pub error_rate: f64,
 }
 
 /// What one device saw.
@@ -181,11 +183,27 @@ pub fn telemetry(device_type: &str, id: &str, seq: u64) -> String {
     }
 }
 
-/// The answer to a command frame, or `None` if the frame is not a command.
-pub fn answer(command: &str) -> Option<String> {
+/// The answer to a command frame, or `None` if the frame is not a command (or is one of the
+/// gateway's error frames). A fraction `error_rate` of answers (chosen deterministically from
+/// the device and command id) report a failure.
+pub fn answer(device: &str, command: &str, error_rate: f64) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(command).ok()?;
+    if value.get("$gatehouse").is_some() {
+        return None;
+    }
     let id = value.get("id")?;
-    Some(serde_json::json!({"id": id, "status": "ok"}).to_string())
+    let h = device
+        .bytes()
+        .chain(id.to_string().into_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |a, b| {
+            (a ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let failed = (h % 10_000) as f64 / 10_000.0 < error_rate;
+    Some(if failed {
+        serde_json::json!({"id": id, "status": "error", "error": "simulated failure"}).to_string()
+    } else {
+        serde_json::json!({"id": id, "status": "ok"}).to_string()
+    })
 }
 
 async fn run_device(
@@ -232,7 +250,7 @@ async fn run_device(
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     out.received += 1;
-                    if let Some(reply) = answer(&t) {
+                    if let Some(reply) = answer(&device.id, &t, options.error_rate) {
                         if !options.response_delay.is_zero() {
                             tokio::time::sleep(options.response_delay).await;
                         }
@@ -355,4 +373,28 @@ pub async fn run(
 /// Default CA path for a pki directory.
 pub fn default_ca(dir: &Path) -> PathBuf {
     dir.join(gatehouse_pki::PkiDir::CA_CERT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_echo_the_id_and_fail_at_the_given_rate() {
+        let ok = answer("d", r#"{"id":7,"command":"lock"}"#, 0.0).unwrap();
+        assert_eq!(ok, r#"{"id":7,"status":"ok"}"#);
+        assert!(answer("d", r#"{"$gatehouse":"error","id":7}"#, 0.0).is_none());
+        assert!(answer("d", "not json", 0.0).is_none());
+        let failed = (0..1000)
+            .filter(|n| {
+                answer("d", &format!(r#"{{"id":{n}}}"#), 0.2)
+                    .unwrap()
+                    .contains("error")
+            })
+            .count();
+        assert!((120..280).contains(&failed), "{failed}");
+        assert!(answer("d", r#"{"id":1}"#, 1.0)
+            .unwrap()
+            .contains("simulated failure"));
+    }
 }

@@ -85,6 +85,9 @@ enum Command {
         /// Milliseconds before answering a command.
         #[arg(long, default_value_t = 0)]
         response_delay_ms: u64,
+        /// Fraction of commands answered with a failure (0.0-1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
     },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
@@ -173,7 +176,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             connect_rate,
             sources,
             response_delay_ms,
+            error_rate,
         } => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&error_rate),
+                "--error-rate must be between 0 and 1"
+            );
             let target = Target::parse(&url)?;
             let ca = match (&ca, &dir, &manifest) {
                 (Some(ca), _, _) => ca.clone(),
@@ -204,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     connect_timeout: Duration::from_secs(10),
                     sources,
                     response_delay: Duration::from_millis(response_delay_ms),
+                    error_rate,
                 },
                 ctrl_c_token(),
             )
