@@ -311,8 +311,9 @@ mod tests {
             );
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
-        let store = DeadLetterStore::open(&db, 3).unwrap();
+        // Reopened through the registry, which waits for sled to release the previous lock.
+        let registry = crate::registry::Registry::open(dir.path()).unwrap();
+        let store = DeadLetterStore::open(registry.db(), 3).unwrap();
         store
             .record(letter(
                 "d1",

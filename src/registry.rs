@@ -23,6 +23,10 @@ const FINGERPRINTS_TREE: &str = "fingerprints.v1";
 /// Most labels per device, and longest label key and value: records stay small.
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_BYTES: usize = 128;
+/// A locked database is retried this many times, this far apart (1 s in all), before it is
+/// reported as in use by another process.
+const LOCK_RETRIES: u32 = 20;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -176,23 +180,18 @@ fn now() -> OffsetDateTime {
 impl Registry {
     /// Opens (or creates) the registry at `path` and loads the index.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
-        let db = sled::Config::new()
-            .path(path)
-            // The registry is small and read-mostly; a modest cache is plenty.
-            .cache_capacity(64 * 1024 * 1024)
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    RegistryError::Locked(path.to_path_buf())
+        // sled releases its file lock from a background thread shortly after the last handle
+        // is dropped; a process that just closed the database may need a moment.
+        let mut attempts = 0;
+        let db = loop {
+            match Self::open_db(path) {
+                Err(RegistryError::Locked(_)) if attempts < LOCK_RETRIES => {
+                    attempts += 1;
+                    std::thread::sleep(LOCK_RETRY_PAUSE);
                 }
-                _ => RegistryError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            })?;
+                other => break other?,
+            }
+        };
         let devices = db.open_tree(DEVICES_TREE)?;
         let fingerprints = db.open_tree(FINGERPRINTS_TREE)?;
         let mut index = Index::default();
@@ -213,6 +212,26 @@ impl Registry {
             index: RwLock::new(index),
             writer: Mutex::new(()),
         })
+    }
+
+    fn open_db(path: &Path) -> Result<sled::Db, RegistryError> {
+        sled::Config::new()
+            .path(path)
+            // The registry is small and read-mostly; a modest cache is plenty.
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    RegistryError::Locked(path.to_path_buf())
+                }
+                _ => RegistryError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            })
     }
 
     pub fn path(&self) -> &Path {
