@@ -289,42 +289,51 @@ pub fn device_options() -> DeviceCertOptions {
     DeviceCertOptions::default()
 }
 
-impl Gateway {
-    pub async fn start(options: Options) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("Test CA", time::Duration::days(30)).unwrap();
-        let server = ca
-            .issue_server(
-                &["localhost".into()],
-                &["127.0.0.1".parse().unwrap()],
-                time::Duration::days(30),
-            )
-            .unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
-        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
-        std::fs::write(dir.path().join("server.key"), &server.key_pem).unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let crl = ca
-            .crl_pem(
-                &[],
-                1,
-                now - time::Duration::minutes(1),
-                now + time::Duration::days(1),
-            )
-            .unwrap();
-        std::fs::write(dir.path().join("crl.pem"), crl).unwrap();
-        let token = "test-admin-token-0123456789".to_string();
-        std::fs::write(dir.path().join("admin.token"), &token).unwrap();
+/// A test directory with certificates, CRL, admin token and a config file.
+pub struct Prepared {
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+    pub config_path: PathBuf,
+    pub admin_token: String,
+}
 
-        let mut routes = String::new();
-        for r in &options.routes {
-            routes.push_str(&format!(
+/// Writes everything a gateway needs into a fresh directory.
+pub fn prepare(options: &Options) -> Prepared {
+    let dir = tempfile::tempdir().unwrap();
+
+    let ca = CertificateAuthority::generate("Test CA", time::Duration::days(30)).unwrap();
+    let server = ca
+        .issue_server(
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            time::Duration::days(30),
+        )
+        .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.path().join("server.key"), &server.key_pem).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = ca
+        .crl_pem(
+            &[],
+            1,
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(1),
+        )
+        .unwrap();
+    std::fs::write(dir.path().join("crl.pem"), crl).unwrap();
+    let token = "test-admin-token-0123456789".to_string();
+    std::fs::write(dir.path().join("admin.token"), &token).unwrap();
+
+    let mut routes = String::new();
+    for r in &options.routes {
+        routes.push_str(&format!(
                 "[[route]]\nsubprotocol = {:?}\nkind = {:?}\ndevice_types = {:?}\nbackends = {:?}\n{}\n\n",
                 r.subprotocol, r.kind, r.device_types, r.backends, r.extra
             ));
-        }
-        let text = format!(
-            r#"
+    }
+    let text = format!(
+        r#"
 [server]
 listen = "127.0.0.1:0"
 handshake_timeout_ms = {hs}
@@ -359,31 +368,44 @@ connect_timeout_ms = 2000
 {extra}
 {routes}
 {tail}"#,
-            hs = options.handshake_timeout_ms,
-            stale = options.stale_crl,
-            resume = options.session_resumption,
-            max_msg = options.max_message_bytes,
-            extra = options.extra,
-            schemas =
-                options
-                    .schemas_dir
-                    .clone()
-                    .unwrap_or_else(
-                        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")
-                    ),
-            tail = options.tail,
-        );
-        let mut text = text;
-        if let Some(extra) = &options.audit {
-            let key = gatehouse_pki::AuditKey::generate().unwrap();
-            std::fs::write(dir.path().join("audit.key"), &key.private_pem).unwrap();
-            std::fs::write(dir.path().join("audit.pub"), key.public_line()).unwrap();
-            text.push_str(&format!(
+        hs = options.handshake_timeout_ms,
+        stale = options.stale_crl,
+        resume = options.session_resumption,
+        max_msg = options.max_message_bytes,
+        extra = options.extra,
+        schemas = options
+            .schemas_dir
+            .clone()
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")),
+        tail = options.tail,
+    );
+    let mut text = text;
+    if let Some(extra) = &options.audit {
+        let key = gatehouse_pki::AuditKey::generate().unwrap();
+        std::fs::write(dir.path().join("audit.key"), &key.private_pem).unwrap();
+        std::fs::write(dir.path().join("audit.pub"), key.public_line()).unwrap();
+        text.push_str(&format!(
                 "\n[audit]\ndir = \"audit\"\nsigning_key = \"audit.key\"\npublic_key = \"audit.pub\"\n{extra}\n"
             ));
-        }
-        let config_path = dir.path().join("gatehouse.toml");
-        std::fs::write(&config_path, text).unwrap();
+    }
+    let config_path = dir.path().join("gatehouse.toml");
+    std::fs::write(&config_path, text).unwrap();
+    Prepared {
+        dir,
+        ca,
+        config_path,
+        admin_token: token,
+    }
+}
+
+impl Gateway {
+    pub async fn start(options: Options) -> Gateway {
+        let Prepared {
+            dir,
+            ca,
+            config_path,
+            admin_token: token,
+        } = prepare(&options);
         let config = gatehouse::Config::load(&config_path).unwrap();
 
         let shutdown = CancellationToken::new();
