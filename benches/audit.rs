@@ -36,6 +36,7 @@ fn main() {
             dir: dir.path().to_path_buf(),
             segment_bytes: 64 << 20,
             checkpoint_interval: Duration::from_secs(10),
+            retention: None,
         },
         key,
     )

@@ -12,6 +12,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub const REDACTED: &str = "[redacted]";
 /// Domain separation for checkpoint signatures.
 const CHECKPOINT_CONTEXT: &str = "gatehouse-audit-checkpoint:v1";
+/// Domain separation for retention anchors, so a checkpoint can never pass as an anchor.
+const ANCHOR_CONTEXT: &str = "gatehouse-audit-anchor:v1";
 
 /// What a record says happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
@@ -177,15 +179,43 @@ impl Checkpoint {
     }
 
     pub fn verify(&self, public_key: &[u8; 32]) -> bool {
+        self.verify_in(CHECKPOINT_CONTEXT, public_key)
+    }
+
+    fn verify_in(&self, context: &str, public_key: &[u8; 32]) -> bool {
         let Ok(sig) = hex::decode(&self.sig) else {
             return false;
         };
+        let message = format!(
+            "{context}\n{}\n{}\n{}\n{}",
+            self.device, self.seq, self.hash, self.time_ms
+        );
         aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public_key)
-            .verify(
-                &Self::message(&self.device, self.seq, &self.hash, self.time_ms),
-                &sig,
-            )
+            .verify(message.as_bytes(), &sig)
             .is_ok()
+    }
+
+    /// Signs a retention anchor: "records up to `seq` (ending in `hash`) were pruned".
+    pub fn sign_anchor(
+        key: &aws_lc_rs::signature::Ed25519KeyPair,
+        device: &str,
+        seq: u64,
+        hash: &str,
+        time_ms: i64,
+    ) -> Checkpoint {
+        let message = format!("{ANCHOR_CONTEXT}\n{device}\n{seq}\n{hash}\n{time_ms}");
+        Checkpoint {
+            device: device.to_string(),
+            seq,
+            hash: hash.to_string(),
+            time_ms,
+            sig: hex::encode(key.sign(message.as_bytes()).as_ref()),
+        }
+    }
+
+    /// Verifies a retention anchor (never a checkpoint).
+    pub fn verify_anchor(&self, public_key: &[u8; 32]) -> bool {
+        self.verify_in(ANCHOR_CONTEXT, public_key)
     }
 }
 
@@ -468,6 +498,16 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("signature"));
+    }
+
+    #[test]
+    fn checkpoints_and_anchors_are_not_interchangeable() {
+        let k = key();
+        let pk = public(&k);
+        let cp = Checkpoint::sign(&k, "d1", 3, "h", 1);
+        let anchor = Checkpoint::sign_anchor(&k, "d1", 3, "h", 1);
+        assert!(cp.verify(&pk) && !cp.verify_anchor(&pk));
+        assert!(anchor.verify_anchor(&pk) && !anchor.verify(&pk));
     }
 
     #[test]

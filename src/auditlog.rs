@@ -32,6 +32,7 @@ pub const LAZY_SYNC_INTERVAL: Duration = Duration::from_millis(200);
 /// Wait between attempts while writes fail: 500 ms.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+const ANCHORS_FILE: &str = "anchors.jsonl";
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum AuditError {
@@ -99,6 +100,8 @@ pub struct Contents {
     /// Records per device, in file order.
     pub records: BTreeMap<String, Vec<Record>>,
     pub checkpoints: Vec<Checkpoint>,
+    /// Retention anchors: where each pruned chain now starts.
+    pub anchors: Vec<Checkpoint>,
     /// Lines that are not records (file, line number, error).
     pub unreadable: Vec<(PathBuf, usize, String)>,
 }
@@ -141,14 +144,16 @@ pub fn read(dir: &Path) -> Result<Contents, AuditError> {
             }
         })?;
     }
-    let cp_path = dir.join(CHECKPOINTS_FILE);
-    if cp_path.exists() {
-        read_lines(&cp_path, |n, line| {
+    for (file, anchors) in [(CHECKPOINTS_FILE, false), (ANCHORS_FILE, true)] {
+        let path = dir.join(file);
+        if !path.exists() {
+            continue;
+        }
+        read_lines(&path, |n, line| {
             match serde_json::from_str::<Checkpoint>(line) {
+                Ok(c) if anchors => contents.anchors.push(c),
                 Ok(c) => contents.checkpoints.push(c),
-                Err(e) => contents
-                    .unreadable
-                    .push((cp_path.clone(), n, e.to_string())),
+                Err(e) => contents.unreadable.push((path.clone(), n, e.to_string())),
             }
         })?;
     }
@@ -161,6 +166,9 @@ pub struct WriterConfig {
     pub dir: PathBuf,
     pub segment_bytes: u64,
     pub checkpoint_interval: Duration,
+    /// Whole segments whose newest record is older than this are pruned (after a signed
+    /// anchor is written for each device in them). `None`: keep everything.
+    pub retention: Option<Duration>,
 }
 
 type Reply = oneshot::Sender<Result<Record, AuditError>>;
@@ -398,6 +406,11 @@ impl Writer {
             }
             if Instant::now() >= next_checkpoint || stop || !syncs.is_empty() {
                 self.checkpoint();
+                if let Some(age) = self.cfg.retention {
+                    if let Err(e) = self.prune(age) {
+                        tracing::error!(error = %e, "audit retention failed; nothing was removed, retrying later");
+                    }
+                }
                 next_checkpoint = Instant::now() + self.cfg.checkpoint_interval;
             }
             for reply in syncs {
@@ -534,6 +547,56 @@ impl Writer {
         }
     }
 
+    /// Removes the oldest segments whose newest record is older than `age`, oldest first and
+    /// never the current one, so what remains is a contiguous tail of every chain. Before a
+    /// segment goes, an anchor (device, last removed seq and hash) is signed and synced for
+    /// each device in it; verification then starts those chains at their anchors.
+    fn prune(&mut self, age: Duration) -> Result<(), AuditError> {
+        let cutoff = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+            - age.as_millis() as i64;
+        for (n, path) in segments(&self.cfg.dir)? {
+            if n >= self.segment {
+                break;
+            }
+            let mut newest = i64::MIN;
+            let mut last: BTreeMap<String, (u64, String)> = BTreeMap::new();
+            read_lines(&path, |_, line| {
+                if let Ok(r) = serde_json::from_str::<Record>(line) {
+                    newest = newest.max(r.time_ms);
+                    last.insert(r.device.clone(), (r.seq, r.hash));
+                }
+            })?;
+            if newest >= cutoff {
+                break;
+            }
+            let now_ms =
+                (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            let mut buf = Vec::new();
+            for (device, (seq, hash)) in &last {
+                let _ = serde_json::to_writer(
+                    &mut buf,
+                    &Checkpoint::sign_anchor(&self.key, device, *seq, hash, now_ms),
+                );
+                buf.push(b'\n');
+            }
+            let anchors = self.cfg.dir.join(ANCHORS_FILE);
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&anchors)
+                .map_err(|e| io(&anchors, e))?;
+            f.write_all(&buf)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io(&anchors, e))?;
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            if let Ok(d) = File::open(&self.cfg.dir) {
+                let _ = d.sync_all();
+            }
+            tracing::info!(segment = %path.display(), devices = last.len(), "audit retention: pruned a segment, anchors signed");
+        }
+        Ok(())
+    }
+
     /// Signs the head of every device that changed since its last checkpoint.
     fn checkpoint(&mut self) {
         if self.dirty.is_empty() || self.unsynced || !self.retry.is_empty() {
@@ -596,6 +659,35 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::audit::{verify_device, RecordKind};
+
+    #[tokio::test]
+    async fn retention_prunes_old_segments_and_the_rest_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, pk) = key();
+        let mut c = cfg(dir.path());
+        c.retention = Some(Duration::ZERO);
+        let (log, thread) = AuditLog::open(c, k).unwrap();
+        for n in 0..12 {
+            log.record_durable(event("d1", n)).await.unwrap();
+            log.record_durable(event("d2", n)).await.unwrap();
+        }
+        let before = segments(dir.path()).unwrap().len();
+        assert!(before > 2);
+        assert!(log.sync().await);
+        drop(log);
+        thread.join().unwrap();
+        // Only the newest segment is left; its chains start at signed anchors.
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+        let contents = read(dir.path()).unwrap();
+        assert!(!contents.anchors.is_empty());
+        assert!(contents.records["d1"][0].seq > 0);
+        let v = verify_dir(dir.path(), &pk, None).unwrap();
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        // Deleting the anchors makes the pruned prefix look like missing records.
+        std::fs::remove_file(dir.path().join(ANCHORS_FILE)).unwrap();
+        let v = verify_dir(dir.path(), &pk, None).unwrap();
+        assert!(!v.failures.is_empty());
+    }
     use aws_lc_rs::signature::KeyPair;
 
     fn key() -> (aws_lc_rs::signature::Ed25519KeyPair, [u8; 32]) {
@@ -611,6 +703,7 @@ mod tests {
             dir: dir.to_path_buf(),
             segment_bytes: 600,
             checkpoint_interval: Duration::from_secs(3600),
+            retention: None,
         }
     }
 
@@ -723,8 +816,8 @@ pub fn verify_dir(
         });
     }
     let mut devices: Vec<&String> = contents.records.keys().collect();
-    // A device with checkpoints but no records left was truncated to nothing.
-    for cp in &contents.checkpoints {
+    // A device with checkpoints but no records left was truncated (or pruned) to nothing.
+    for cp in contents.checkpoints.iter().chain(&contents.anchors) {
         if !contents.records.contains_key(&cp.device) && !devices.contains(&&cp.device) {
             devices.push(&cp.device);
         }
@@ -735,7 +828,36 @@ pub fn verify_dir(
             continue;
         }
         let records = contents.records.get(d).unwrap_or(&empty);
-        match crate::audit::verify_device(d, records, &contents.checkpoints, public_key, None) {
+        let mut anchor = None;
+        let mut bad_anchor = None;
+        for a in contents.anchors.iter().filter(|a| &a.device == d) {
+            if !a.verify_anchor(public_key) {
+                bad_anchor = Some(a.seq);
+            } else if anchor
+                .as_ref()
+                .is_none_or(|x: &crate::audit::Anchor| a.seq > x.seq)
+            {
+                anchor = Some(crate::audit::Anchor {
+                    seq: a.seq,
+                    hash: a.hash.clone(),
+                });
+            }
+        }
+        if let Some(seq) = bad_anchor {
+            out.failures.push(crate::audit::Failure {
+                device: d.clone(),
+                seq,
+                reason: "retention anchor signature does not verify with this key".into(),
+            });
+            continue;
+        }
+        match crate::audit::verify_device(
+            d,
+            records,
+            &contents.checkpoints,
+            public_key,
+            anchor.as_ref(),
+        ) {
             Ok(v) => out.verified.push(v),
             Err(f) => out.failures.push(f),
         }
@@ -751,6 +873,9 @@ pub struct Export {
     pub device: String,
     pub records: Vec<Record>,
     pub checkpoints: Vec<Checkpoint>,
+    /// Retention anchors (where the chain starts when older records were pruned).
+    #[serde(default)]
+    pub anchors: Vec<Checkpoint>,
 }
 
 pub const EXPORT_FORMAT: &str = "gatehouse-audit-export/v1";
@@ -763,6 +888,11 @@ pub fn export(dir: &Path, device: &str) -> Result<Export, AuditError> {
         records: contents.records.remove(device).unwrap_or_default(),
         checkpoints: contents
             .checkpoints
+            .into_iter()
+            .filter(|c| c.device == device)
+            .collect(),
+        anchors: contents
+            .anchors
             .into_iter()
             .filter(|c| c.device == device)
             .collect(),

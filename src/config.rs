@@ -110,6 +110,7 @@ pub struct FileAudit {
     pub max_payload_bytes: Option<usize>,
     pub redact: Option<Vec<String>>,
     pub segment_bytes: Option<u64>,
+    pub retention_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -332,6 +333,8 @@ pub struct AuditConfig {
     /// Field names whose values are replaced before a payload is stored.
     pub redact: Vec<String>,
     pub segment_bytes: u64,
+    /// Segments whose newest record is older than this are pruned behind signed anchors.
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -609,6 +612,13 @@ impl Config {
                     None => crate::auditlog::DEFAULT_SEGMENT_BYTES,
                     Some(n) if n >= 4096 => n,
                     Some(_) => return Err(invalid("audit.segment_bytes must be at least 4096")),
+                },
+                retention: match a.retention_days {
+                    None => None,
+                    Some(0) => return Err(invalid(
+                        "audit.retention_days must be at least 1 (leave it out to keep everything)",
+                    )),
+                    Some(d) => Some(Duration::from_secs(u64::from(d) * 86_400)),
                 },
             }),
         };

@@ -104,6 +104,7 @@ impl Server {
                         dir: a.dir.clone(),
                         segment_bytes: a.segment_bytes,
                         checkpoint_interval: a.checkpoint_interval,
+                        retention: a.retention,
                     },
                     key,
                 )?;
