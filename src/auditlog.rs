@@ -683,6 +683,10 @@ mod tests {
         assert!(contents.records["d1"][0].seq > 0);
         let v = verify_dir(dir.path(), &pk, None).unwrap();
         assert!(v.failures.is_empty(), "{:?}", v.failures);
+        // An export of a pruned device carries its anchor and verifies offline.
+        let e = export(dir.path(), "d1").unwrap();
+        assert!(!e.anchors.is_empty());
+        verify_export(&e, &pk).unwrap();
         // Deleting the anchors makes the pruned prefix look like missing records.
         std::fs::remove_file(dir.path().join(ANCHORS_FILE)).unwrap();
         let v = verify_dir(dir.path(), &pk, None).unwrap();
@@ -911,11 +915,27 @@ pub fn verify_export(
             reason: format!("not a {EXPORT_FORMAT} file"),
         });
     }
+    let mut anchor: Option<crate::audit::Anchor> = None;
+    for a in export.anchors.iter().filter(|a| a.device == export.device) {
+        if !a.verify_anchor(public_key) {
+            return Err(crate::audit::Failure {
+                device: export.device.clone(),
+                seq: a.seq,
+                reason: "retention anchor signature does not verify with this key".into(),
+            });
+        }
+        if anchor.as_ref().is_none_or(|x| a.seq > x.seq) {
+            anchor = Some(crate::audit::Anchor {
+                seq: a.seq,
+                hash: a.hash.clone(),
+            });
+        }
+    }
     crate::audit::verify_device(
         &export.device,
         &export.records,
         &export.checkpoints,
         public_key,
-        None,
+        anchor.as_ref(),
     )
 }
