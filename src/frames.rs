@@ -386,19 +386,31 @@ impl<'b> Cbor<'b> {
         self.decoder.pull().map_err(|_| cbor_err(offset))
     }
 
-    fn text(&mut self, len: Option<usize>, path: &Path<'_>) -> Result<String, Rejection> {
-        if let Some(n) = len {
-            if n > self.remaining() {
-                return Err(Rejection::new(
-                    RejectCode::LengthExceedsFrame,
-                    path.pointer(),
-                    format!(
-                        "text of {n} bytes declared in a frame with {} left",
-                        self.remaining()
-                    ),
-                ));
-            }
+    /// Refuses a declared length whose content cannot fit in the bytes left (each array item
+    /// and each map key or value takes at least one byte), before anything is allocated.
+    fn fits(
+        &mut self,
+        declared: Option<usize>,
+        needed_bytes: Option<usize>,
+        path: &Path<'_>,
+        what: &str,
+        unit: &str,
+    ) -> Result<(), Rejection> {
+        match (declared, needed_bytes) {
+            (Some(n), Some(needed)) if needed > self.remaining() => Err(Rejection::new(
+                RejectCode::LengthExceedsFrame,
+                path.pointer(),
+                format!(
+                    "{what} of {n} {unit} declared in a frame with {} bytes left",
+                    self.remaining()
+                ),
+            )),
+            _ => Ok(()),
         }
+    }
+
+    fn text(&mut self, len: Option<usize>, path: &Path<'_>) -> Result<String, Rejection> {
+        self.fits(len, len, path, "text", "bytes")?;
         let offset = self.decoder.offset();
         let mut out = String::with_capacity(len.unwrap_or(0));
         let mut segments = self.decoder.text(len);
@@ -414,18 +426,7 @@ impl<'b> Cbor<'b> {
     }
 
     fn bytes(&mut self, len: Option<usize>, path: &Path<'_>) -> Result<Vec<u8>, Rejection> {
-        if let Some(n) = len {
-            if n > self.remaining() {
-                return Err(Rejection::new(
-                    RejectCode::LengthExceedsFrame,
-                    path.pointer(),
-                    format!(
-                        "byte string of {n} bytes declared in a frame with {} left",
-                        self.remaining()
-                    ),
-                ));
-            }
-        }
+        self.fits(len, len, path, "byte string", "bytes")?;
         let offset = self.decoder.offset();
         let mut out = Vec::with_capacity(len.unwrap_or(0));
         let mut segments = self.decoder.bytes(len);
@@ -493,18 +494,7 @@ impl<'b> Cbor<'b> {
                         format!("nesting deeper than {}", self.limits.max_depth),
                     ));
                 }
-                if let Some(n) = len {
-                    if n > self.remaining() {
-                        return Err(Rejection::new(
-                            RejectCode::LengthExceedsFrame,
-                            path.pointer(),
-                            format!(
-                                "array of {n} items declared in a frame with {} bytes left",
-                                self.remaining()
-                            ),
-                        ));
-                    }
-                }
+                self.fits(len, len, path, "array", "items")?;
                 let mut out = Vec::with_capacity(len.unwrap_or(0));
                 loop {
                     if len.is_some_and(|n| out.len() == n) {
@@ -530,18 +520,13 @@ impl<'b> Cbor<'b> {
                         format!("nesting deeper than {}", self.limits.max_depth),
                     ));
                 }
-                if let Some(n) = len {
-                    if n.saturating_mul(2) > self.remaining() {
-                        return Err(Rejection::new(
-                            RejectCode::LengthExceedsFrame,
-                            path.pointer(),
-                            format!(
-                                "map of {n} entries declared in a frame with {} bytes left",
-                                self.remaining()
-                            ),
-                        ));
-                    }
-                }
+                self.fits(
+                    len,
+                    len.map(|n| n.saturating_mul(2)),
+                    path,
+                    "map",
+                    "entries",
+                )?;
                 let mut out = Map::new();
                 let mut count = 0usize;
                 loop {

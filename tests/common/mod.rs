@@ -23,6 +23,11 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 pub type DeviceSocket = WebSocketStream<TlsStream<TcpStream>>;
+/// A device's socket and the gateway's 101 response.
+pub type Connected = (
+    DeviceSocket,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+);
 
 /// Upper bound for any single wait in a test, so a bug fails the test instead of hanging it.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -489,13 +494,7 @@ impl Gateway {
         &self,
         cert: Option<&IssuedCert>,
         protocols: &[&str],
-    ) -> Result<
-        (
-            DeviceSocket,
-            tokio_tungstenite::tungstenite::handshake::client::Response,
-        ),
-        ConnectError,
-    > {
+    ) -> Result<Connected, ConnectError> {
         connect(self.addr, self.client_config(cert), protocols, &[]).await
     }
 
@@ -565,13 +564,7 @@ pub async fn connect(
     config: Arc<ClientConfig>,
     protocols: &[&str],
     extra_headers: &[(&str, &str)],
-) -> Result<
-    (
-        DeviceSocket,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    ConnectError,
-> {
+) -> Result<Connected, ConnectError> {
     let tls = connect_tls(addr, config).await?;
     upgrade(tls, addr, protocols, extra_headers).await
 }
@@ -596,13 +589,7 @@ pub async fn upgrade(
     addr: SocketAddr,
     protocols: &[&str],
     extra_headers: &[(&str, &str)],
-) -> Result<
-    (
-        DeviceSocket,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    ConnectError,
-> {
+) -> Result<Connected, ConnectError> {
     let mut request = format!("wss://localhost:{}/", addr.port())
         .into_client_request()
         .unwrap();
