@@ -28,12 +28,10 @@ pub struct RejectionStats {
 impl RejectionStats {
     pub fn count(&self, device_type: &str, route: &str, reason: &'static str) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        // Look up before inserting so the common case allocates nothing.
-        if let Some(n) = counts.get_mut(&(device_type.to_string(), route.to_string(), reason)) {
-            *n += 1;
-        } else {
-            counts.insert((device_type.to_string(), route.to_string(), reason), 1);
-        }
+        // Rejections are the exception path: the key's two small strings are allocated.
+        *counts
+            .entry((device_type.to_string(), route.to_string(), reason))
+            .or_default() += 1;
     }
 
     pub fn snapshot(&self) -> Vec<RejectionCount> {

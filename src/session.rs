@@ -289,8 +289,15 @@ impl SessionInspector<'_> {
     }
 
     /// A valid frame from the device on a control route: the answer to a command, or not.
-    fn response(&mut self, value: &Value) {
-        let mut event = match frames::frame_id(value) {
+    fn response(&mut self, msg: &Message, value: &Value) {
+        if self.shared.audit.is_none() {
+            // Still settle the command, so the open-command limit frees up.
+            if let Some(id) = frames::frame_id(value) {
+                self.commands.answer(&id, Instant::now());
+            }
+            return;
+        }
+        let event = match frames::frame_id(value) {
             Some(id) => match self.commands.answer(&id, Instant::now()) {
                 Some(rtt) => {
                     let mut e = self.event(RecordKind::Responded);
@@ -314,13 +321,7 @@ impl SessionInspector<'_> {
                 e
             }
         };
-        if let Some(cfg) = &self.shared.config.audit {
-            let mut v = value.clone();
-            crate::audit::redact(&mut v, &cfg.redact);
-            let (text, truncated, _) = stored_payload(&[], &v, &cfg.redact, cfg.max_payload_bytes);
-            event.payload = Some(text);
-            event.payload_truncated = truncated;
-        }
+        let event = self.with_payload(event, frame_bytes(msg), Some(value));
         self.audit(event);
     }
 
@@ -359,7 +360,7 @@ impl Inspector for SessionInspector<'_> {
             Ok(Some(value)) if self.route.kind == RouteKind::Control => match direction {
                 Direction::Down => self.command(msg, &value),
                 Direction::Up => {
-                    self.response(&value);
+                    self.response(msg, &value);
                     Verdict::Forward
                 }
             },
