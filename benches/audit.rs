@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use gatehouse::audit::{AuditLog, WriterConfig};
 use gatehouse::audit::{Event, RecordKind};
-use gatehouse::auditlog::{AuditLog, WriterConfig};
 
 fn event(device: String, n: u64) -> Event {
     Event {

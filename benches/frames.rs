@@ -4,11 +4,10 @@
 
 use std::path::Path;
 
-use gatehouse::frames::{self, DecodeLimits, Encoding};
+use gatehouse::admission::routing::RouteKind;
+use gatehouse::frames::{self, DecodeLimits, Encoding, Frame};
 use gatehouse::policy::{check_frame, Direction};
-use gatehouse::routing::RouteKind;
 use gatehouse::schema::{SchemaKind, SchemaSet};
-use tokio_tungstenite::tungstenite::Message;
 
 fn main() {
     divan::main();
@@ -33,7 +32,7 @@ fn cbor_frame() -> Vec<u8> {
 }
 
 fn schemas() -> SchemaSet {
-    SchemaSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")).unwrap()
+    gatehouse::config::load_schemas(&Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")).unwrap()
 }
 
 #[divan::bench]
@@ -59,14 +58,14 @@ fn validate_only(b: divan::Bencher<'_, '_>) {
 #[divan::bench]
 fn json_decode_and_validate(b: divan::Bencher<'_, '_>) {
     let set = schemas();
-    let msg = Message::text(json_frame());
+    let msg = json_frame();
     b.bench(|| {
         check_frame(
             &set,
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Up,
-            divan::black_box(&msg),
+            Frame::Text(divan::black_box(msg.as_bytes())),
             LIMITS,
         )
         .unwrap()
@@ -76,14 +75,14 @@ fn json_decode_and_validate(b: divan::Bencher<'_, '_>) {
 #[divan::bench]
 fn cbor_decode_and_validate(b: divan::Bencher<'_, '_>) {
     let set = schemas();
-    let msg = Message::binary(cbor_frame());
+    let msg = cbor_frame();
     b.bench(|| {
         check_frame(
             &set,
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Up,
-            divan::black_box(&msg),
+            Frame::Binary(divan::black_box(&msg)),
             LIMITS,
         )
         .unwrap()

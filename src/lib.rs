@@ -1,46 +1,43 @@
 //! Gatehouse: an mTLS WebSocket gateway for device fleets.
 //!
 //! # Layout
-//! - [`config`]: the TOML file layer and the validated `Config`; every default and limit.
-//! - [`identity`]: pure: what a verified device certificate says, CRL serial index, admission
-//!   verdicts on certificate and registry record.
-//! - [`registry`]: the sled device registry (id, type, status, certificate fingerprints) with
-//!   its in-memory lookup index.
-//! - [`frames`]: pure: strict JSON and CBOR decoding into the JSON data model; error frames.
-//! - [`schema`]: per-device-type JSON Schemas, compiled once, reloadable as a whole.
-//! - [`policy`]: pure: which schema a frame needs, decode plus validate, invalid-frame limit.
-//! - [`rejections`]: counters per (type, route, reason) and the rejection log limiter.
-//! - [`deadletter`]: the bounded per-device store of rejected frames (sled) and its writer.
-//! - [`routing`]: pure: subprotocol routes, device-type policy, round-robin backend order.
-//! - [`upgrade`]: pure: parse and validate the HTTP upgrade request, write the 101.
-//! - [`error`]: the one mapping of refusals to HTTP statuses and session ends to close codes.
-//! - [`tls`]: rustls server config (client certs, CRLs, resumption), reload; backend client TLS.
-//! - [`backend`]: opens the backend WebSocket with the identity headers.
-//! - [`relay`]: moves frames both ways with bounded buffering and passes close frames through.
-//! - [`session`]: one connection from TCP accept to the end-of-session log line.
-//! - [`server`]: loads everything, runs the accept loop, CRL refresher, admin API, shutdown.
-//! - [`admin`]: the loopback admin API (axum) and its blocking client for the CLI.
+//! The pure core decides and owns no I/O: it imports no tokio, tungstenite, sled, `std::fs`
+//! or sockets, and reads no clock (`.ci/pure-core` checks this in CI):
+//! - [`model`]: devices, their status and certificate fingerprints, enrollments, changes.
+//! - [`admission`]: the verified certificate, CRL index, upgrade request, routes, and the one
+//!   `admit()` that decides whether a connection becomes a session.
+//! - [`frames`]: strict JSON and CBOR decoding into the JSON data model; error frames.
+//! - [`policy`]: which schema a frame needs, the invalid-frame limit, open commands,
+//!   rejection accounting.
+//! - [`schema`]: the compiled per-device-type schemas and validation.
+//! - [`wire`]: the one map from a refusal or a session end to the wire.
+//! - [`audit::record`]: audit record format, hash chain, checkpoints, verification.
+//!
+//! The shell around it does the I/O:
+//! - [`config`]: the TOML file layer, the validated startup and runtime layers, defaults.
+//! - [`storage`]: the `DeviceStore` and `DeadLetterStore` traits and their sled
+//!   implementations, the registry's in-memory index and change feed.
+//! - [`audit`]: the audit writer thread (segment files, group commit) and reader.
+//! - [`net`]: rustls configs, the backend connector, session worker runtimes.
+//! - [`session`]: one connection: handshake, frame steps, relay, lifecycle.
+//! - [`admin`]: the loopback admin API and its blocking client.
+//! - [`control`]: operator actions (reloads) that the admin API and signals share.
+//! - [`server`]: loading before binding, the accept loop, shutdown.
 
 pub mod admin;
+pub mod admission;
 pub mod audit;
-pub mod auditlog;
-pub mod backend;
-pub mod command;
 pub mod config;
-pub mod deadletter;
-pub mod error;
+pub mod control;
 pub mod frames;
-pub mod identity;
+pub mod model;
+pub mod net;
 pub mod policy;
-pub mod registry;
-pub mod rejections;
-pub mod relay;
-pub mod routing;
 pub mod schema;
 pub mod server;
 pub mod session;
-pub mod tls;
-pub mod upgrade;
+pub mod storage;
+pub mod wire;
 
 pub use config::Config;
 pub use server::{run, Server};

@@ -1,15 +1,16 @@
-//! Per-device-type schemas: loads `schemas/<type>/{telemetry,command,response}.schema.json`,
-//! compiles each once (JSON Schema 2020-12, `jsonschema`), and validates decoded frames. A
-//! whole set is loaded or none is, so a broken file on reload leaves the previous set in
-//! force. Decoding the frame is `frames`'s job; which schema a frame needs is `FramePolicy`'s.
+//! Per-device-type schemas, pure: the compiled set of `<type>/{telemetry,command,response}`
+//! schemas (JSON Schema 2020-12, `jsonschema`, compiled once), and validation of decoded
+//! frames. Reading the schema directory is `config::load_schemas`'s job; a whole set is
+//! built or none is, so a broken file on reload leaves the previous set in force. Decoding
+//! the frame is `frames`'s job; which schema a frame needs is `policy`'s.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::admission::routing::{RouteKind, RouteTable};
 use crate::frames::{RejectCode, Rejection};
-use crate::routing::{RouteKind, RouteTable};
 
 /// Longest validation message sent back in an error frame.
 pub const MAX_MESSAGE_BYTES: usize = 200;
@@ -78,41 +79,34 @@ impl std::fmt::Debug for SchemaSet {
 }
 
 impl SchemaSet {
-    /// Loads every `<type>/<kind>.schema.json` under `dir`.
-    pub fn load(dir: &Path) -> Result<Self, SchemaError> {
-        let dir_err = |source| SchemaError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let mut set = SchemaSet::default();
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(dir_err)?
-            .collect::<Result<_, _>>()
-            .map_err(dir_err)?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = entry.path();
-            if !path.is_dir() {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if gatehouse_pki::validate_device_type(&name).is_err() {
-                return Err(SchemaError::File {
-                    path,
-                    reason: "directory name is not a valid device type (a-z 0-9 _ -, starting with a letter)".into(),
-                });
-            }
-            let mut kinds = BTreeMap::new();
-            for kind in SchemaKind::ALL {
-                let file = path.join(kind.file_name());
-                if !file.exists() {
-                    continue;
-                }
-                kinds.insert(kind, compile(&file)?);
-            }
-            set.types.insert(name, kinds);
+    /// Compiles one schema file's bytes (`origin` names it in errors) and adds it for
+    /// `device_type`; a type with no schema file at all is added with [`SchemaSet::add_type`].
+    pub fn add(
+        &mut self,
+        device_type: &str,
+        kind: SchemaKind,
+        origin: &Path,
+        bytes: &[u8],
+    ) -> Result<(), SchemaError> {
+        let validator = compile(origin, bytes)?;
+        self.types
+            .entry(device_type.to_string())
+            .or_default()
+            .insert(kind, validator);
+        Ok(())
+    }
+
+    /// Adds a device type (a directory), whether or not it has schemas. The name must be a
+    /// valid device type.
+    pub fn add_type(&mut self, device_type: &str, origin: &Path) -> Result<(), SchemaError> {
+        if gatehouse_pki::validate_device_type(device_type).is_err() {
+            return Err(SchemaError::File {
+                path: origin.to_path_buf(),
+                reason: "directory name is not a valid device type (a-z 0-9 _ -, starting with a letter)".into(),
+            });
         }
-        Ok(set)
+        self.types.entry(device_type.to_string()).or_default();
+        Ok(())
     }
 
     pub fn get(&self, device_type: &str, kind: SchemaKind) -> Option<&jsonschema::Validator> {
@@ -140,13 +134,12 @@ impl SchemaSet {
     }
 }
 
-fn compile(file: &Path) -> Result<jsonschema::Validator, SchemaError> {
+fn compile(file: &Path, text: &[u8]) -> Result<jsonschema::Validator, SchemaError> {
     let err = |reason: String| SchemaError::File {
         path: file.to_path_buf(),
         reason,
     };
-    let text = std::fs::read(file).map_err(|e| err(e.to_string()))?;
-    let schema: Value = serde_json::from_slice(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+    let schema: Value = serde_json::from_slice(text).map_err(|e| err(format!("not JSON: {e}")))?;
     jsonschema::draft202012::options()
         .build(&schema)
         .map_err(|e| err(format!("not a valid JSON Schema 2020-12: {e}")))
@@ -187,7 +180,7 @@ mod tests {
     #[test]
     fn shipped_schemas_compile() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
-        let set = SchemaSet::load(&dir).unwrap();
+        let set = crate::config::load_schemas(&dir).unwrap();
         let types: Vec<_> = set.device_types().collect();
         assert!(types.len() >= 2, "{types:?}");
         for kind in SchemaKind::ALL {
@@ -207,7 +200,7 @@ mod tests {
             r#"{"type":"object","required":["t"],"properties":{"t":{"type":"number","minimum":-40}}}"#,
         )
         .unwrap();
-        let set = SchemaSet::load(dir.path()).unwrap();
+        let set = crate::config::load_schemas(dir.path()).unwrap();
         let v = set.get("thermo", SchemaKind::Telemetry).unwrap();
         assert!(validate(v, &json!({"t": 3})).is_ok());
         let r = validate(v, &json!({"t": -41})).unwrap_err();
@@ -227,10 +220,12 @@ mod tests {
             r#"{"type":"objekt"}"#,
         )
         .unwrap();
-        let err = SchemaSet::load(dir.path()).unwrap_err().to_string();
+        let err = crate::config::load_schemas(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("telemetry.schema.json"), "{err}");
         std::fs::write(dir.path().join("thermo/telemetry.schema.json"), "{").unwrap();
-        assert!(SchemaSet::load(dir.path())
+        assert!(crate::config::load_schemas(dir.path())
             .unwrap_err()
             .to_string()
             .contains("not JSON"));

@@ -1,27 +1,32 @@
-//! The server: loads TLS material and the registry before any port is bound, then runs the
-//! accept loop, the CRL refresher and the admin API under one `CancellationToken` and one
-//! `TaskTracker`. The accept loop only accepts: permit, spawn; everything slow happens in the
-//! session task (`session`).
+//! The server: loads TLS material, schemas, storage and the audit log before any port is
+//! bound, then runs the accept loop, the CRL refresher, SIGHUP reloads and the admin API
+//! under one `CancellationToken` and one `TaskTracker`. The accept loop only accepts: permit,
+//! spawn on a session worker; everything slow happens in the session (`session`).
+//!
+//! Shutdown, in order: stop accepting; sessions close with 1001 (bounded by
+//! `server.close_timeout`); wait up to `server.shutdown_grace` for them; stop the session
+//! workers (sessions still running are dropped, recording what they must) and join their
+//! threads; close the audit log (final sync and checkpoints) and join its writer thread;
+//! flush the registry.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use arc_swap::ArcSwap;
-
-use crate::backend::Connector;
+use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::deadletter::DeadLetterStore;
-use crate::registry::{Registry, RegistryError};
-use crate::rejections::RejectionStats;
+use crate::net::backend::Connector;
+use crate::net::tls::{TlsError, TlsState};
+use crate::net::workers::SessionWorkers;
+use crate::policy::rejections::RejectionStats;
 use crate::schema::{SchemaError, SchemaSet};
-use crate::session::FrameServices;
-use crate::session::{self, Shared};
-use crate::tls::{TlsError, TlsState};
+use crate::session::{self, FrameServices, Shared};
+use crate::storage::{DeadLetterStore, DeviceStore, Embedded, RegistryError};
 
 /// Pause after an accept error such as EMFILE, so a full file table does not spin the loop.
 const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
@@ -35,19 +40,20 @@ pub enum ServerError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
-    Audit(#[from] crate::auditlog::AuditError),
+    Audit(#[from] crate::audit::AuditError),
     #[error("cannot start session worker threads: {0}")]
     Workers(std::io::Error),
 }
 
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// A gateway with its TLS material loaded and registry open, not yet listening.
+/// A gateway with its TLS material loaded and storage open, not yet listening.
 pub struct Server {
     shared: Arc<Shared>,
     tracker: TaskTracker,
-    deadletter_store: Arc<DeadLetterStore>,
+    deadletter_store: Arc<dyn DeadLetterStore>,
     deadletter_writer: Option<BoxFuture>,
+    audit_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -63,44 +69,38 @@ impl Server {
         if config.tls.crls.is_empty() {
             tracing::warn!("no tls.crl configured: certificate revocation is checked only through the registry");
         }
-        let backend_tls = crate::tls::backend_client_config(&config.backend)?;
-        let schemas = SchemaSet::load(&config.schemas_dir)?;
-        let missing = schemas.missing_for(&config.routes);
-        if !missing.is_empty() {
+        let backend_tls = crate::net::tls::backend_client_config(&config.backend)?;
+        let schemas = crate::config::load_schemas(&config.schemas_dir)?;
+        for (route, device_type, file) in &schemas.missing_for(&config.routes) {
             // Devices of these types are refused on these routes (500 no-schema); say so now.
-            for (route, device_type, file) in &missing {
-                tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
-            }
+            tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
         }
-        let registry = Arc::new(Registry::open(&config.registry_path)?);
-        let deadletter_store = Arc::new(DeadLetterStore::open(
-            registry.db(),
-            config.deadletter.per_device,
-        )?);
+        let storage = Embedded::open(&config.registry_path, config.deadletter.per_device)?;
+        let deadletter_store: Arc<dyn DeadLetterStore> = storage.dead_letters;
         let (deadletters, writer) =
-            crate::deadletter::writer(deadletter_store.clone(), shutdown.clone());
+            crate::storage::deadletter::writer(deadletter_store.clone(), shutdown.clone());
         let connector = Connector::new(
             backend_tls,
             config.backend.connect_timeout,
-            config.websocket.tungstenite(),
+            crate::net::websocket_config(&config.websocket),
         );
-        let audit = match &config.audit {
+        let (audit, audit_thread) = match &config.audit {
             None => {
                 if config
                     .routes
                     .iter()
-                    .any(|r| r.kind == crate::routing::RouteKind::Control)
+                    .any(|r| r.kind == crate::admission::routing::RouteKind::Control)
                 {
                     tracing::warn!(
                         "control routes without an [audit] section: commands are not recorded"
                     );
                 }
-                None
+                (None, None)
             }
             Some(a) => {
-                let key = crate::auditlog::load_signing_key(&a.signing_key)?;
-                let (log, _thread) = crate::auditlog::AuditLog::open(
-                    crate::auditlog::WriterConfig {
+                let key = crate::audit::load_signing_key(&a.signing_key)?;
+                let (log, thread) = AuditLog::open(
+                    crate::audit::WriterConfig {
                         dir: a.dir.clone(),
                         segment_bytes: a.segment_bytes,
                         checkpoint_interval: a.checkpoint_interval,
@@ -108,7 +108,7 @@ impl Server {
                     },
                     key,
                 )?;
-                Some(log)
+                (Some(log), Some(thread))
             }
         };
         let frames = FrameServices {
@@ -118,13 +118,19 @@ impl Server {
             deadletters,
         };
         let shared = Arc::new(Shared::new(
-            config, tls, registry, connector, frames, shutdown,
+            config,
+            tls,
+            storage.devices,
+            connector,
+            frames,
+            shutdown,
         ));
         Ok(Self {
             shared,
             tracker: TaskTracker::new(),
             deadletter_store,
             deadletter_writer: Some(Box::pin(writer)),
+            audit_thread,
         })
     }
 
@@ -137,15 +143,15 @@ impl Server {
     }
 
     /// The audit log handle, when `[audit]` is configured.
-    pub fn audit(&self) -> Option<crate::auditlog::AuditLog> {
+    pub fn audit(&self) -> Option<AuditLog> {
         self.shared.audit.clone()
     }
 
-    pub fn deadletters(&self) -> Arc<DeadLetterStore> {
+    pub fn deadletters(&self) -> Arc<dyn DeadLetterStore> {
         self.deadletter_store.clone()
     }
 
-    pub fn registry(&self) -> Arc<Registry> {
+    pub fn registry(&self) -> Arc<dyn DeviceStore> {
         self.shared.registry.clone()
     }
 
@@ -158,8 +164,7 @@ impl Server {
     }
 
     /// Serves devices on `listener` (and the admin API on `admin`, if given) until the
-    /// shutdown token fires; then closes sessions with 1001, waits up to the grace period
-    /// and flushes the registry.
+    /// shutdown token fires, then shuts down in the order the module documents.
     pub async fn serve(
         mut self,
         listener: TcpListener,
@@ -170,47 +175,37 @@ impl Server {
         }
         let shared = self.shared.clone();
         let shutdown = shared.shutdown.clone();
-        let local = listener.local_addr().ok();
         tracing::info!(
-            listen = ?local,
+            listen = ?listener.local_addr().ok(),
             devices = shared.registry.len(),
             routes = shared.config.routes.iter().count(),
             "gateway listening"
         );
 
-        if let Some(admin) = admin {
-            let admin_cfg = shared.config.admin.clone();
-            if let Some(admin_cfg) = admin_cfg {
-                let state = crate::admin::AdminState {
-                    registry: shared.registry.clone(),
-                    tls: shared.tls.clone(),
-                    token: admin_cfg.token,
-                    schemas: shared.schemas.clone(),
-                    schemas_dir: shared.config.schemas_dir.clone(),
-                    rejections: shared.rejections.clone(),
-                    deadletters: self.deadletter_store.clone(),
-                    audit: shared.config.audit.clone(),
-                };
-                let token = shutdown.clone();
-                self.tracker.spawn(async move {
-                    if let Err(e) = crate::admin::serve(admin, state, token).await {
-                        tracing::error!(error = %e, "admin API stopped");
-                    }
-                });
-            }
+        if let (Some(admin), Some(admin_cfg)) = (admin, shared.config.admin.clone()) {
+            let state = crate::admin::AdminState {
+                registry: shared.registry.clone(),
+                tls: shared.tls.clone(),
+                token: admin_cfg.token,
+                schemas: shared.schemas.clone(),
+                schemas_dir: shared.config.schemas_dir.clone(),
+                rejections: shared.rejections.clone(),
+                deadletters: self.deadletter_store.clone(),
+                audit: shared.config.audit.clone(),
+            };
+            let token = shutdown.clone();
+            self.tracker.spawn(async move {
+                if let Err(e) = crate::admin::serve(admin, state, token).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
         }
 
         self.tracker.spawn(crl_refresher(shared.clone()));
         #[cfg(unix)]
         self.tracker.spawn(reload_on_sighup(shared.clone()));
 
-        let workers = SessionWorkers::start(
-            shared.config.workers,
-            shutdown.clone(),
-            self.tracker.clone(),
-            shared.config.shutdown_grace + shared.config.close_timeout,
-        )
-        .map_err(ServerError::Workers)?;
+        let workers = SessionWorkers::start(shared.config.workers).map_err(ServerError::Workers)?;
         let permits = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         loop {
             // Both waits are cancel-safe: a permit or connection not yet obtained is not lost.
@@ -251,9 +246,8 @@ impl Server {
         }
 
         drop(listener);
-        let open = self.tracker.len();
         tracing::info!(
-            tasks = open,
+            tasks = self.tracker.len(),
             "shutting down: listener closed, sessions closing with 1001"
         );
         self.tracker.close();
@@ -268,9 +262,23 @@ impl Server {
                 "shutdown grace period over; remaining sessions dropped"
             );
         }
+        // After this no session code runs: what sessions recorded is queued.
+        if let Err(e) = tokio::task::spawn_blocking(move || workers.stop()).await {
+            tracing::error!(error = %e, "stopping the session workers failed");
+        }
         if let Some(audit) = &shared.audit {
-            if !audit.sync().await {
+            if !audit.close().await {
                 tracing::error!("audit log: not everything could be written before shutdown");
+            }
+            if let Some(thread) = self.audit_thread.take() {
+                match tokio::task::spawn_blocking(move || thread.join()).await {
+                    Ok(Ok(())) => {}
+                    _ => tracing::error!("audit writer thread did not end cleanly"),
+                }
+            }
+            let lost = audit.lost();
+            if lost > 0 {
+                tracing::error!(records = lost, "audit log: records were lost");
             }
         }
         let registry = shared.registry.clone();
@@ -281,33 +289,6 @@ impl Server {
         }
         tracing::info!("gateway stopped");
         Ok(())
-    }
-
-    /// Reloads TLS material (certificates, CA bundle, CRLs) now. The old set stays on error.
-    pub async fn reload(tls: Arc<TlsState>) -> Result<(), TlsError> {
-        match tokio::task::spawn_blocking(move || tls.reload()).await {
-            Ok(r) => r,
-            Err(e) => Err(TlsError::Verifier(format!("reload task failed: {e}"))),
-        }
-    }
-}
-
-impl Server {
-    /// Loads the schema directory again and swaps it in as a whole; on any error the previous
-    /// set stays in force. Returns the number of device types loaded.
-    pub async fn reload_schemas(
-        schemas: Arc<ArcSwap<SchemaSet>>,
-        dir: std::path::PathBuf,
-    ) -> Result<usize, SchemaError> {
-        let loaded = tokio::task::spawn_blocking(move || SchemaSet::load(&dir))
-            .await
-            .map_err(|e| SchemaError::Dir {
-                path: Default::default(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
-        let n = loaded.device_types().count();
-        schemas.store(Arc::new(loaded));
-        Ok(n)
     }
 }
 
@@ -336,58 +317,7 @@ async fn crl_refresher(shared: Arc<Shared>) {
     }
 }
 
-/// Session worker threads, each running a single-threaded runtime, like nginx's worker
-/// processes: a session's TLS, parsing, validation and relaying all happen on one thread, with
-/// no cross-thread wake-ups per frame (measured: about 20% less CPU per frame than tokio's
-/// work-stealing scheduler for the same fleet, docs/benchmarks.md). Sessions are handed out
-/// round-robin. The accept loop, admin API and storage stay on the main runtime.
-struct SessionWorkers {
-    handles: Vec<tokio::runtime::Handle>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-impl SessionWorkers {
-    /// Starts `n` threads. Each runs until `shutdown`, then until the tracker is empty or
-    /// `linger` has passed; tasks still running then are dropped with the runtime.
-    fn start(
-        n: std::num::NonZeroUsize,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-        linger: std::time::Duration,
-    ) -> std::io::Result<Self> {
-        let mut handles = Vec::with_capacity(n.get());
-        for i in 0..n.get() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            let shutdown = shutdown.clone();
-            let tracker = tracker.clone();
-            std::thread::Builder::new()
-                .name(format!("gatehouse-session-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        shutdown.cancelled().await;
-                        let _ = tokio::time::timeout(linger, tracker.wait()).await;
-                    });
-                })?;
-        }
-        Ok(Self {
-            handles,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    fn spawn<F>(&self, future: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len();
-        drop(self.handles[i].spawn(future));
-    }
-}
-
-/// Reloads TLS material (certificates, CA bundle, CRLs) on SIGHUP.
+/// Reloads TLS material (certificates, CA bundle, CRLs) and the schemas on SIGHUP.
 #[cfg(unix)]
 async fn reload_on_sighup(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -404,10 +334,22 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             s = hup.recv() => if s.is_none() { return },
         }
-        match Server::reload(shared.tls.clone()).await {
+        let reloaded = crate::control::reload_all(
+            shared.tls.clone(),
+            shared.schemas.clone(),
+            shared.config.schemas_dir.clone(),
+        )
+        .await;
+        match reloaded.tls {
             Ok(()) => tracing::info!("SIGHUP: TLS material reloaded"),
             Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: reload failed; the previous certificates and CRLs stay in force")
+                tracing::error!(error = %e, "SIGHUP: TLS reload failed; the previous certificates and CRLs stay in force")
+            }
+        }
+        match reloaded.schemas {
+            Ok(n) => tracing::info!(device_types = n, "SIGHUP: schemas reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: schema reload failed; the previous schemas stay in force")
             }
         }
     }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 fn records(gw: &Gateway, device: &str) -> Vec<Record> {
-    let mut c = gatehouse::auditlog::read(&gw.dir.path().join("audit")).unwrap();
+    let mut c = gatehouse::audit::read(&gw.dir.path().join("audit")).unwrap();
     c.records.remove(device).unwrap_or_default()
 }
 
@@ -149,7 +149,7 @@ async fn the_command_lifecycle_is_recorded_and_verifies() {
 
     // A refused handshake lands in the same device log.
     gw.registry
-        .set_status("lock-a", gatehouse::registry::DeviceStatus::Suspended)
+        .set_status("lock-a", gatehouse::model::DeviceStatus::Suspended)
         .unwrap();
     assert_eq!(
         gw.connect(Some(&lock), &["control.v1"])
@@ -169,8 +169,8 @@ async fn the_command_lifecycle_is_recorded_and_verifies() {
 
     // Everything verifies with the public key, through the CLI too.
     let dir = gw.dir.path().join("audit");
-    let key = gatehouse::auditlog::load_public_key(&gw.dir.path().join("audit.pub")).unwrap();
-    let v = gatehouse::auditlog::verify_dir(&dir, &key, None).unwrap();
+    let key = gatehouse::audit::load_public_key(&gw.dir.path().join("audit.pub")).unwrap();
+    let v = gatehouse::audit::verify_dir(&dir, &key, None).unwrap();
     assert!(v.failures.is_empty(), "{:?}", v.failures);
     let config = gw.config_path.clone();
     let cli = move |args: &[&str]| {

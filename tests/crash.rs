@@ -7,6 +7,7 @@
 
 mod common;
 
+use gatehouse::storage::DeviceStore;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -77,10 +78,10 @@ async fn kill_9_while_commands_stream_never_loses_a_delivered_command() {
         })
         .collect();
     {
-        let registry = gatehouse::registry::Registry::open(&dir.join("registry")).unwrap();
+        let registry = gatehouse::storage::SledRegistry::open(&dir.join("registry")).unwrap();
         for (i, d) in devices.iter().enumerate() {
             registry
-                .enroll(gatehouse::registry::Enrollment {
+                .enroll(gatehouse::model::Enrollment {
                     id: format!("lock-{i}"),
                     device_type: "door-lock".into(),
                     sha256: d.fingerprint_hex(),
@@ -89,7 +90,7 @@ async fn kill_9_while_commands_stream_never_loses_a_delivered_command() {
                 .unwrap();
         }
     }
-    let public = gatehouse::auditlog::load_public_key(&dir.join("audit.pub")).unwrap();
+    let public = gatehouse::audit::load_public_key(&dir.join("audit.pub")).unwrap();
     let received: Arc<Mutex<HashSet<(String, u64)>>> = Arc::default();
     let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
 
@@ -158,14 +159,14 @@ async fn kill_9_while_commands_stream_never_loses_a_delivered_command() {
         }
 
         // Straight from the crashed files: every log verifies...
-        let verdict = gatehouse::auditlog::verify_dir(&dir.join("audit"), &public, None).unwrap();
+        let verdict = gatehouse::audit::verify_dir(&dir.join("audit"), &public, None).unwrap();
         assert!(
             verdict.failures.is_empty(),
             "cycle {cycle}: {:?}",
             verdict.failures
         );
         // ...and every command a device received was recorded before it got it.
-        let contents = gatehouse::auditlog::read(&dir.join("audit")).unwrap();
+        let contents = gatehouse::audit::read(&dir.join("audit")).unwrap();
         let recorded: HashSet<(String, u64)> = contents
             .records
             .values()

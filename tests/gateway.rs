@@ -127,10 +127,10 @@ async fn registry_refusals_have_documented_statuses() {
     let suspended = gw.enroll("suspended-1", "env-sensor");
     let revoked = gw.enroll("revoked-1", "env-sensor");
     gw.registry
-        .set_status("suspended-1", gatehouse::registry::DeviceStatus::Suspended)
+        .set_status("suspended-1", gatehouse::model::DeviceStatus::Suspended)
         .unwrap();
     gw.registry
-        .set_status("revoked-1", gatehouse::registry::DeviceStatus::Revoked)
+        .set_status("revoked-1", gatehouse::model::DeviceStatus::Revoked)
         .unwrap();
 
     for (cert, code) in [
@@ -164,7 +164,7 @@ async fn registry_refusals_have_documented_statuses() {
         )
         .unwrap();
     gw.registry
-        .enroll(gatehouse::registry::Enrollment {
+        .enroll(gatehouse::model::Enrollment {
             id: "no-eku".into(),
             device_type: "env-sensor".into(),
             sha256: no_eku.fingerprint_hex(),
@@ -211,7 +211,7 @@ async fn tls_refusals_crl_other_ca_and_no_certificate() {
         .issue_device("foreign", &gatehouse_pki::DeviceCertOptions::default())
         .unwrap();
     gw.registry
-        .enroll(gatehouse::registry::Enrollment {
+        .enroll(gatehouse::model::Enrollment {
             id: "foreign".into(),
             device_type: "env-sensor".into(),
             sha256: foreign.fingerprint_hex(),
@@ -388,7 +388,7 @@ async fn resumed_tls_sessions_are_rechecked() {
 
     // ...a device suspended after its first connection cannot come back by resuming,
     gw.registry
-        .set_status("s-resume", gatehouse::registry::DeviceStatus::Suspended)
+        .set_status("s-resume", gatehouse::model::DeviceStatus::Suspended)
         .unwrap();
     let err = connect(gw.addr, cfg.clone(), &["telemetry.v1"], &[])
         .await

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gatehouse::registry::{DeviceStatus, Enrollment};
+use gatehouse::model::{DeviceStatus, Enrollment};
 use gatehouse_pki::{DeviceCertOptions, PkiDir};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -378,7 +378,7 @@ backends = ["{control_url}"]
 
     // 9. One lock's audit log, and verification with only the public key.
     let audit_dir = dir.join("audit");
-    let contents = gatehouse::auditlog::read(&audit_dir)?;
+    let contents = gatehouse::audit::read(&audit_dir)?;
     let lock_log = contents
         .records
         .get("lock-00001")
@@ -407,8 +407,8 @@ backends = ["{control_url}"]
             what
         );
     }
-    let public = gatehouse::auditlog::load_public_key(&pki_dir.join(PkiDir::AUDIT_PUB))?;
-    let verdict = gatehouse::auditlog::verify_dir(&audit_dir, &public, None)?;
+    let public = gatehouse::audit::load_public_key(&pki_dir.join(PkiDir::AUDIT_PUB))?;
+    let verdict = gatehouse::audit::verify_dir(&audit_dir, &public, None)?;
     println!(
         "    `gatehouse audit verify --all`: {} device logs intact, {} failures ({} records in all, every chain signed up to its last record: {})",
         verdict.verified.len(),

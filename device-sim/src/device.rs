@@ -73,7 +73,7 @@ pub fn client_config(
 ) -> anyhow::Result<Arc<ClientConfig>> {
     let certs = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)?;
-    let config = ClientConfig::builder_with_provider(gatehouse::tls::provider())
+    let config = ClientConfig::builder_with_provider(gatehouse::net::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)?;

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse::registry::{Enrollment, Registry};
+use gatehouse::model::Enrollment;
+use gatehouse::storage::DeviceStore;
 use gatehouse::Server;
 use gatehouse_pki::{CertificateAuthority, DeviceCertOptions, IssuedCert, Revocation};
 use rustls::ClientConfig;
@@ -184,11 +185,11 @@ impl Backend {
             .unwrap();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            gatehouse::tls::provider(),
+            gatehouse::net::tls::provider(),
         )
         .build()
         .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(gatehouse::tls::provider())
+        let config = rustls::ServerConfig::builder_with_provider(gatehouse::net::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_client_cert_verifier(verifier)
@@ -280,11 +281,11 @@ pub struct Gateway {
     pub config_path: PathBuf,
     pub dir: tempfile::TempDir,
     pub ca: CertificateAuthority,
-    pub registry: Arc<Registry>,
-    pub tls: Arc<gatehouse::tls::TlsState>,
-    pub deadletters: Arc<gatehouse::deadletter::DeadLetterStore>,
+    pub registry: Arc<dyn DeviceStore>,
+    pub tls: Arc<gatehouse::net::tls::TlsState>,
+    pub deadletters: Arc<dyn gatehouse::storage::DeadLetterStore>,
     pub schemas: Arc<arc_swap::ArcSwap<gatehouse::schema::SchemaSet>>,
-    pub audit: Option<gatehouse::auditlog::AuditLog>,
+    pub audit: Option<gatehouse::audit::AuditLog>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     revoked: std::sync::Mutex<Vec<Revocation>>,
@@ -522,7 +523,7 @@ pub fn client_config(ca_pem: &str, cert: Option<&IssuedCert>) -> Arc<ClientConfi
     roots
         .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
-    let builder = ClientConfig::builder_with_provider(gatehouse::tls::provider())
+    let builder = ClientConfig::builder_with_provider(gatehouse::net::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);

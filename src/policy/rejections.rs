@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-/// Rejection log lines allowed per second before they are suppressed and counted.
-pub const DEFAULT_LOG_LINES_PER_SECOND: u32 = 20;
-
 /// One counter row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RejectionCount {

@@ -5,12 +5,13 @@
 //! A failed write rolls the batch back (file truncated to its length before the batch, no
 //! sequence number consumed), fails the waiters (commands are refused: fail closed), keeps the
 //! other records for the next attempt, and the writer retries on its own. Opening recovers a
-//! torn last line left by a crash. The record rules are `audit`'s; see docs/audit.md.
+//! torn last line left by a crash. The record rules are `record`'s, reading is `reader`'s;
+//! see docs/audit.md.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -18,147 +19,19 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::audit::{Checkpoint, Event, Record, GENESIS};
+use super::reader::{io, read_lines, segment_name, segments, ANCHORS_FILE, CHECKPOINTS_FILE};
+use super::record::{Checkpoint, Event, Record, GENESIS};
+use super::AuditError;
 
 /// Records queued for the writer before callers are told the log is busy: 64 Ki.
 pub const QUEUE_CAPACITY: usize = 64 * 1024;
 /// Records kept for retry while the disk refuses writes, beyond which the oldest are lost
 /// (and counted): 64 Ki.
 pub const RETRY_CAPACITY: usize = 64 * 1024;
-/// Segment size before a new file is started: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Longest time a record that nobody waits for stays unsynced: 200 ms.
 pub const LAZY_SYNC_INTERVAL: Duration = Duration::from_millis(200);
 /// Wait between attempts while writes fail: 500 ms.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
-const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
-const ANCHORS_FILE: &str = "anchors.jsonl";
-
-#[derive(Debug, thiserror::Error, Clone)]
-pub enum AuditError {
-    #[error("audit log {0}: {1}")]
-    Io(PathBuf, String),
-    #[error("audit log cannot be written: {0}")]
-    Unavailable(String),
-    #[error("audit log queue is full")]
-    Busy,
-    #[error("audit log writer stopped")]
-    Stopped,
-    #[error("audit signing key {0}: {1}")]
-    Key(PathBuf, String),
-}
-
-fn io(path: &Path, e: impl ToString) -> AuditError {
-    AuditError::Io(path.to_path_buf(), e.to_string())
-}
-
-/// Loads the Ed25519 signing key (PKCS#8 PEM, as written by `gatehouse-pki audit-key`).
-pub fn load_signing_key(path: &Path) -> Result<aws_lc_rs::signature::Ed25519KeyPair, AuditError> {
-    use rustls_pki_types::pem::PemObject;
-    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path)
-        .map_err(|e| AuditError::Key(path.to_path_buf(), e.to_string()))?;
-    aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
-        .map_err(|e| AuditError::Key(path.to_path_buf(), format!("not an Ed25519 key: {e}")))
-}
-
-/// Loads a public key file (`ed25519:HEX`).
-pub fn load_public_key(path: &Path) -> Result<[u8; 32], AuditError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AuditError::Key(path.to_path_buf(), e.to_string()))?;
-    gatehouse_pki::parse_audit_public_key(&text).ok_or_else(|| {
-        AuditError::Key(
-            path.to_path_buf(),
-            "expected one line `ed25519:` and 64 hex digits".into(),
-        )
-    })
-}
-
-fn segment_name(n: u64) -> String {
-    format!("segment-{n:08}.jsonl")
-}
-
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-        let entry = entry.map_err(|e| io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
-            .strip_prefix("segment-")
-            .and_then(|r| r.strip_suffix(".jsonl"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            out.push((n, entry.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Everything read back from an audit directory.
-#[derive(Debug, Default)]
-pub struct Contents {
-    /// Records per device, in file order.
-    pub records: BTreeMap<String, Vec<Record>>,
-    pub checkpoints: Vec<Checkpoint>,
-    /// Retention anchors: where each pruned chain now starts.
-    pub anchors: Vec<Checkpoint>,
-    /// Lines that are not records (file, line number, error).
-    pub unreadable: Vec<(PathBuf, usize, String)>,
-}
-
-/// Reads lines of `path`; a last line without a newline (a write torn by a crash, or one in
-/// progress) is skipped and its offset returned.
-fn read_lines(path: &Path, mut each: impl FnMut(usize, &str)) -> Result<Option<u64>, AuditError> {
-    let file = File::open(path).map_err(|e| io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let mut offset = 0u64;
-    let mut line = String::new();
-    let mut n = 0;
-    loop {
-        line.clear();
-        let read = reader.read_line(&mut line).map_err(|e| io(path, e))?;
-        if read == 0 {
-            return Ok(None);
-        }
-        if !line.ends_with('\n') {
-            return Ok(Some(offset));
-        }
-        n += 1;
-        each(n, line.trim_end());
-        offset += read as u64;
-    }
-}
-
-/// Reads a whole audit directory (safe while the gateway writes to it).
-pub fn read(dir: &Path) -> Result<Contents, AuditError> {
-    let mut contents = Contents::default();
-    for (_, path) in segments(dir)? {
-        read_lines(&path, |n, line| {
-            match serde_json::from_str::<Record>(line) {
-                Ok(r) => contents
-                    .records
-                    .entry(r.device.clone())
-                    .or_default()
-                    .push(r),
-                Err(e) => contents.unreadable.push((path.clone(), n, e.to_string())),
-            }
-        })?;
-    }
-    for (file, anchors) in [(CHECKPOINTS_FILE, false), (ANCHORS_FILE, true)] {
-        let path = dir.join(file);
-        if !path.exists() {
-            continue;
-        }
-        read_lines(&path, |n, line| {
-            match serde_json::from_str::<Checkpoint>(line) {
-                Ok(c) if anchors => contents.anchors.push(c),
-                Ok(c) => contents.checkpoints.push(c),
-                Err(e) => contents.unreadable.push((path.clone(), n, e.to_string())),
-            }
-        })?;
-    }
-    Ok(contents)
-}
 
 /// Writer configuration.
 #[derive(Debug, Clone)]
@@ -182,6 +55,10 @@ enum Request {
     },
     /// Sync everything and sign checkpoints now.
     Sync {
+        reply: oneshot::Sender<bool>,
+    },
+    /// Sync, sign, and end the writer thread: the last request it takes.
+    Close {
         reply: oneshot::Sender<bool>,
     },
 }
@@ -326,6 +203,19 @@ impl AuditLog {
         rx.await.unwrap_or(false)
     }
 
+    /// Syncs everything written so far, signs checkpoints and ends the writer thread (join
+    /// its handle afterwards). Records sent later are counted as lost. Returns whether
+    /// everything queued is on disk.
+    pub async fn close(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        // `send` waits for room: a full queue must not turn the final sync into a loss.
+        let tx = self.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || tx.send(Request::Close { reply }).is_ok())
+            .await
+            .unwrap_or(false);
+        sent && rx.await.unwrap_or(false)
+    }
+
     /// Whether the last write succeeded.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -391,6 +281,10 @@ impl Writer {
             for r in batch {
                 match r {
                     Request::Sync { reply } => syncs.push(reply),
+                    Request::Close { reply } => {
+                        syncs.push(reply);
+                        stop = true;
+                    }
                     append => appends.push(append),
                 }
             }
@@ -456,7 +350,7 @@ impl Writer {
             self.retry.drain(..).map(|e| (e, None)).collect();
         items.extend(batch.into_iter().filter_map(|r| match r {
             Request::Append { event, reply } => Some((event, reply)),
-            Request::Sync { .. } => None,
+            Request::Sync { .. } | Request::Close { .. } => None,
         }));
         if items.is_empty() && !(must_sync && self.unsynced) {
             return;
@@ -658,7 +552,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{verify_device, RecordKind};
+    use crate::audit::{export, read, verify_device, verify_dir, verify_export, RecordKind};
+    use std::path::Path;
 
     #[tokio::test]
     async fn retention_prunes_old_segments_and_the_rest_still_verifies() {
@@ -767,7 +662,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (k, pk) = key();
         let mut cfg = cfg(dir.path());
-        cfg.segment_bytes = DEFAULT_SEGMENT_BYTES;
+        cfg.segment_bytes = crate::config::DEFAULT_AUDIT_SEGMENT_BYTES;
         let (log, thread) = AuditLog::open(cfg, k).unwrap();
         log.record_durable(event("d1", 0)).await.unwrap();
         log.fail_writes(true);
@@ -792,150 +687,4 @@ mod tests {
         assert_eq!(ids, vec![0, 1, 3]);
         verify_device("d1", &c.records["d1"], &c.checkpoints, &pk, None).unwrap();
     }
-}
-
-/// The result of verifying a whole directory (or one device in it).
-#[derive(Debug)]
-pub struct DirVerdict {
-    pub verified: Vec<crate::audit::Verified>,
-    pub failures: Vec<crate::audit::Failure>,
-}
-
-/// Verifies every device (or just `device`) of an audit directory with the public key.
-pub fn verify_dir(
-    dir: &Path,
-    public_key: &[u8; 32],
-    device: Option<&str>,
-) -> Result<DirVerdict, AuditError> {
-    let contents = read(dir)?;
-    let mut out = DirVerdict {
-        verified: Vec::new(),
-        failures: Vec::new(),
-    };
-    for (path, line, error) in &contents.unreadable {
-        out.failures.push(crate::audit::Failure {
-            device: "?".into(),
-            seq: 0,
-            reason: format!("{} line {line} is not a record ({error})", path.display()),
-        });
-    }
-    let mut devices: Vec<&String> = contents.records.keys().collect();
-    // A device with checkpoints but no records left was truncated (or pruned) to nothing.
-    for cp in contents.checkpoints.iter().chain(&contents.anchors) {
-        if !contents.records.contains_key(&cp.device) && !devices.contains(&&cp.device) {
-            devices.push(&cp.device);
-        }
-    }
-    let empty = Vec::new();
-    for d in devices {
-        if device.is_some_and(|want| want != d) {
-            continue;
-        }
-        let records = contents.records.get(d).unwrap_or(&empty);
-        let mut anchor = None;
-        let mut bad_anchor = None;
-        for a in contents.anchors.iter().filter(|a| &a.device == d) {
-            if !a.verify_anchor(public_key) {
-                bad_anchor = Some(a.seq);
-            } else if anchor
-                .as_ref()
-                .is_none_or(|x: &crate::audit::Anchor| a.seq > x.seq)
-            {
-                anchor = Some(crate::audit::Anchor {
-                    seq: a.seq,
-                    hash: a.hash.clone(),
-                });
-            }
-        }
-        if let Some(seq) = bad_anchor {
-            out.failures.push(crate::audit::Failure {
-                device: d.clone(),
-                seq,
-                reason: "retention anchor signature does not verify with this key".into(),
-            });
-            continue;
-        }
-        match crate::audit::verify_device(
-            d,
-            records,
-            &contents.checkpoints,
-            public_key,
-            anchor.as_ref(),
-        ) {
-            Ok(v) => out.verified.push(v),
-            Err(f) => out.failures.push(f),
-        }
-    }
-    Ok(out)
-}
-
-/// A self-contained export of one device's log, verifiable offline with the public key.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Export {
-    pub format: String,
-    pub device: String,
-    pub records: Vec<Record>,
-    pub checkpoints: Vec<Checkpoint>,
-    /// Retention anchors (where the chain starts when older records were pruned).
-    #[serde(default)]
-    pub anchors: Vec<Checkpoint>,
-}
-
-pub const EXPORT_FORMAT: &str = "gatehouse-audit-export/v1";
-
-pub fn export(dir: &Path, device: &str) -> Result<Export, AuditError> {
-    let mut contents = read(dir)?;
-    Ok(Export {
-        format: EXPORT_FORMAT.into(),
-        device: device.to_string(),
-        records: contents.records.remove(device).unwrap_or_default(),
-        checkpoints: contents
-            .checkpoints
-            .into_iter()
-            .filter(|c| c.device == device)
-            .collect(),
-        anchors: contents
-            .anchors
-            .into_iter()
-            .filter(|c| c.device == device)
-            .collect(),
-    })
-}
-
-/// Verifies an export file's contents.
-pub fn verify_export(
-    export: &Export,
-    public_key: &[u8; 32],
-) -> Result<crate::audit::Verified, crate::audit::Failure> {
-    if export.format != EXPORT_FORMAT {
-        return Err(crate::audit::Failure {
-            device: export.device.clone(),
-            seq: 0,
-            reason: format!("not a {EXPORT_FORMAT} file"),
-        });
-    }
-    let mut anchor: Option<crate::audit::Anchor> = None;
-    for a in export.anchors.iter().filter(|a| a.device == export.device) {
-        if !a.verify_anchor(public_key) {
-            return Err(crate::audit::Failure {
-                device: export.device.clone(),
-                seq: a.seq,
-                reason: "retention anchor signature does not verify with this key".into(),
-            });
-        }
-        if anchor.as_ref().is_none_or(|x| a.seq > x.seq) {
-            anchor = Some(crate::audit::Anchor {
-                seq: a.seq,
-                hash: a.hash.clone(),
-            });
-        }
-    }
-    crate::audit::verify_device(
-        &export.device,
-        &export.records,
-        &export.checkpoints,
-        public_key,
-        anchor.as_ref(),
-    )
 }

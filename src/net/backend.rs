@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::either::Either;
 
-use crate::routing::{BackendUrl, Route};
+use crate::admission::routing::{BackendUrl, Route};
 
 pub type BackendStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 pub type BackendSocket = WebSocketStream<BackendStream>;

@@ -13,13 +13,10 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::RegistryError;
+use super::{DeadLetterStore, RegistryError};
+use crate::frames::Rejection;
 
 const TREE: &str = "deadletters.v1";
-/// Rejected frames kept per device: 100, enough to see a pattern, small enough for sled.
-pub const DEFAULT_PER_DEVICE: usize = 100;
-/// Payload bytes kept per rejected frame: 4 KiB (the length of the whole frame is recorded).
-pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4096;
 /// Rejected frames queued for the writer before new ones are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 1024;
 
@@ -67,8 +64,12 @@ fn prefix(device: &str) -> Vec<u8> {
     k
 }
 
+fn storage(e: sled::Error) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
 /// The sled-backed store.
-pub struct DeadLetterStore {
+pub struct SledDeadLetters {
     tree: sled::Tree,
     per_device: usize,
     /// Per device: (oldest kept seq, next seq).
@@ -77,20 +78,20 @@ pub struct DeadLetterStore {
     stored: tokio::sync::watch::Sender<u64>,
 }
 
-impl std::fmt::Debug for DeadLetterStore {
+impl std::fmt::Debug for SledDeadLetters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetterStore")
+        f.debug_struct("SledDeadLetters")
             .field("per_device", &self.per_device)
             .finish()
     }
 }
 
-impl DeadLetterStore {
-    pub fn open(db: &sled::Db, per_device: usize) -> Result<Self, RegistryError> {
-        let tree = db.open_tree(TREE)?;
+impl SledDeadLetters {
+    pub(super) fn open(db: &sled::Db, per_device: usize) -> Result<Self, RegistryError> {
+        let tree = db.open_tree(TREE).map_err(storage)?;
         let mut bounds: HashMap<String, (u64, u64)> = HashMap::new();
         for item in tree.iter().keys() {
-            let k = item?;
+            let k = item.map_err(storage)?;
             let Some(split) = k.iter().position(|b| *b == 0) else {
                 continue;
             };
@@ -112,9 +113,10 @@ impl DeadLetterStore {
             stored: tokio::sync::watch::Sender::new(0),
         })
     }
+}
 
-    /// Stores one rejected frame and drops the device's oldest beyond the bound. Blocking.
-    pub fn record(&self, mut letter: DeadLetter) -> Result<(), RegistryError> {
+impl DeadLetterStore for SledDeadLetters {
+    fn record(&self, mut letter: DeadLetter) -> Result<(), RegistryError> {
         let (seq, drop_below) = {
             let mut bounds = self.bounds.lock().unwrap_or_else(|e| e.into_inner());
             let b = bounds.entry(letter.device_id.clone()).or_insert((0, 0));
@@ -130,24 +132,26 @@ impl DeadLetterStore {
             key: letter.device_id.clone(),
             reason: e.to_string(),
         })?;
-        self.tree.insert(key(&letter.device_id, seq), bytes)?;
+        self.tree
+            .insert(key(&letter.device_id, seq), bytes)
+            .map_err(storage)?;
         for old in drop_below.0..drop_below.1 {
-            self.tree.remove(key(&letter.device_id, old))?;
+            self.tree
+                .remove(key(&letter.device_id, old))
+                .map_err(storage)?;
         }
         self.stored.send_modify(|n| *n += 1);
         Ok(())
     }
 
-    /// Watches the number of frames stored since the store was opened.
-    pub fn stored(&self) -> tokio::sync::watch::Receiver<u64> {
+    fn stored(&self) -> tokio::sync::watch::Receiver<u64> {
         self.stored.subscribe()
     }
 
-    /// The device's rejected frames, oldest first.
-    pub fn list(&self, device: &str) -> Result<Vec<DeadLetter>, RegistryError> {
+    fn list(&self, device: &str) -> Result<Vec<DeadLetter>, RegistryError> {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(prefix(device)) {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(storage)?;
             let letter: DeadLetter =
                 serde_json::from_slice(&v).map_err(|e| RegistryError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
@@ -165,7 +169,7 @@ pub fn letter(
     route: &str,
     direction: &str,
     encoding: &str,
-    rejection: &crate::frames::Rejection,
+    rejection: &Rejection,
     payload: &[u8],
     max_payload: usize,
 ) -> DeadLetter {
@@ -208,7 +212,7 @@ impl DeadLetterSink {
 /// Creates the queue and the writer future (run it on the server's task tracker). The writer
 /// stores until `shutdown`, then drains what is queued.
 pub fn writer(
-    store: Arc<DeadLetterStore>,
+    store: Arc<dyn DeadLetterStore>,
     shutdown: CancellationToken,
 ) -> (DeadLetterSink, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<DeadLetter>(QUEUE_CAPACITY);
@@ -266,7 +270,7 @@ pub fn writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frames::{RejectCode, Rejection};
+    use crate::frames::RejectCode;
 
     #[test]
     fn bounded_per_device_oldest_first_and_survives_reopen() {
@@ -274,7 +278,7 @@ mod tests {
         let r = Rejection::new(RejectCode::SchemaViolation, "/t", "too hot");
         {
             let db = sled::open(dir.path()).unwrap();
-            let store = DeadLetterStore::open(&db, 3).unwrap();
+            let store = SledDeadLetters::open(&db, 3).unwrap();
             for i in 0..5u8 {
                 store
                     .record(letter(
@@ -312,8 +316,8 @@ mod tests {
             db.flush().unwrap();
         }
         // Reopened through the registry, which waits for sled to release the previous lock.
-        let registry = crate::registry::Registry::open(dir.path()).unwrap();
-        let store = DeadLetterStore::open(registry.db(), 3).unwrap();
+        let registry = crate::storage::SledRegistry::open(dir.path()).unwrap();
+        let store = registry.dead_letters(3).unwrap();
         store
             .record(letter(
                 "d1",

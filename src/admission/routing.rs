@@ -1,12 +1,12 @@
 //! Routing policy: which route (subprotocol, kind, allowed device types, backend pool) a
 //! device gets, given the subprotocols it offers and its registered type. Pure: no I/O.
-//! Connecting to a backend of the chosen route is `backend`'s job.
+//! Connecting to a backend of the chosen route is `net::backend`'s job.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::http::Uri;
+use http::Uri;
 
 /// What a route carries; later layers pick the schema by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,22 +75,6 @@ pub struct FrameRules {
     pub invalid_frame_window: Duration,
 }
 
-/// Invalid frames a device may send per window before it is disconnected: 20 per 10 s lets a
-/// device with a bug report itself through error frames without flooding the backend's
-/// dead-letter store.
-pub const DEFAULT_INVALID_FRAME_LIMIT: u32 = 20;
-pub const DEFAULT_INVALID_FRAME_WINDOW: Duration = Duration::from_secs(10);
-
-impl Default for FrameRules {
-    fn default() -> Self {
-        Self {
-            error_replies: true,
-            invalid_frame_limit: DEFAULT_INVALID_FRAME_LIMIT,
-            invalid_frame_window: DEFAULT_INVALID_FRAME_WINDOW,
-        }
-    }
-}
-
 /// A subprotocol's route.
 #[derive(Debug)]
 pub struct Route {
@@ -115,6 +99,7 @@ impl Route {
         kind: &str,
         device_types: &[String],
         backends: &[String],
+        frames: FrameRules,
     ) -> Result<Self, String> {
         if !is_token(subprotocol) {
             return Err("subprotocol must be a token (letters, digits and !#$%&'*+-.^_`|~)".into());
@@ -148,14 +133,9 @@ impl Route {
             kind,
             device_types: device_types.to_vec(),
             backends,
-            frames: FrameRules::default(),
+            frames,
             next_backend: AtomicUsize::new(0),
         })
-    }
-
-    pub fn with_frame_rules(mut self, frames: FrameRules) -> Self {
-        self.frames = frames;
-        self
     }
 
     pub fn allows(&self, device_type: &str) -> bool {
@@ -228,6 +208,12 @@ impl RouteTable {
 mod tests {
     use super::*;
 
+    const RULES: FrameRules = FrameRules {
+        error_replies: true,
+        invalid_frame_limit: 20,
+        invalid_frame_window: Duration::from_secs(10),
+    };
+
     fn table() -> RouteTable {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         RouteTable::new(vec![
@@ -236,9 +222,17 @@ mod tests {
                 "telemetry",
                 &s(&["sensor", "lock"]),
                 &s(&["ws://a:1/", "ws://b:2/"]),
+                RULES,
             )
             .unwrap(),
-            Route::parse("control.v1", "control", &s(&["lock"]), &s(&["wss://c/"])).unwrap(),
+            Route::parse(
+                "control.v1",
+                "control",
+                &s(&["lock"]),
+                &s(&["wss://c/"]),
+                RULES,
+            )
+            .unwrap(),
         ])
     }
 

@@ -1,7 +1,12 @@
-//! The loopback admin API (axum, bearer token) and its client. While the gateway runs it holds
-//! the sled registry, so `gatehouse devices ...` in another process goes through here; a
-//! change takes effect for the next handshake. Owns the HTTP mapping of registry errors; the
-//! registry rules themselves live in `registry`.
+//! The loopback admin API (axum, bearer token); its blocking client for the CLI is
+//! [`client`]. While the gateway runs it holds the registry, so `gatehouse devices ...` in
+//! another process goes through here; a change takes effect for the next handshake. Owns
+//! the HTTP mapping of storage errors; the registry rules live in `storage`, the operator
+//! actions in `control`.
+
+pub mod client;
+
+pub use client::{AdminClient, ClientError};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,24 +24,24 @@ use tokio_util::sync::CancellationToken;
 use arc_swap::ArcSwap;
 
 use crate::config::AdminToken;
-use crate::deadletter::{DeadLetter, DeadLetterStore};
-use crate::registry::{Device, DeviceStatus, Enrollment, Registry, RegistryError};
-use crate::rejections::{RejectionCount, RejectionStats};
+use crate::model::{Device, DeviceStatus, Enrollment};
+use crate::net::tls::TlsState;
+use crate::policy::rejections::{RejectionCount, RejectionStats};
 use crate::schema::SchemaSet;
-use crate::tls::TlsState;
+use crate::storage::{DeadLetter, DeadLetterStore, DeviceStore, RegistryError};
 
 /// Time the CLI waits for the admin API before it gives up: 10 s.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub registry: Arc<Registry>,
+    pub registry: Arc<dyn DeviceStore>,
     pub tls: Arc<TlsState>,
     pub token: AdminToken,
     pub schemas: Arc<ArcSwap<SchemaSet>>,
     pub schemas_dir: std::path::PathBuf,
     pub rejections: Arc<RejectionStats>,
-    pub deadletters: Arc<DeadLetterStore>,
+    pub deadletters: Arc<dyn DeadLetterStore>,
     /// `[audit]`: the directory and the public key file, when configured.
     pub audit: Option<crate::config::AuditConfig>,
 }
@@ -194,7 +199,7 @@ async fn reload_tls(
     headers: HeaderMap,
 ) -> Result<Json<Health>, ApiError> {
     authorize(&s, &headers)?;
-    crate::server::Server::reload(s.tls.clone())
+    crate::control::reload_tls(s.tls.clone())
         .await
         .map_err(|e| {
             ApiError(
@@ -214,7 +219,7 @@ async fn reload_schemas(
     headers: HeaderMap,
 ) -> Result<Json<Health>, ApiError> {
     authorize(&s, &headers)?;
-    let n = crate::server::Server::reload_schemas(s.schemas.clone(), s.schemas_dir.clone())
+    let n = crate::control::reload_schemas(s.schemas.clone(), s.schemas_dir.clone())
         .await
         .map_err(|e| {
             ApiError(
@@ -266,7 +271,7 @@ fn audit_cfg(s: &AdminState) -> Result<crate::config::AuditConfig, ApiError> {
 }
 
 async fn audit_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::auditlog::AuditError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, crate::audit::AuditError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
@@ -285,20 +290,13 @@ async fn audit_show(
 ) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
     authorize(&s, &headers)?;
     let cfg = audit_cfg(&s)?;
-    let export = audit_blocking(move || crate::auditlog::export(&cfg.dir, &id)).await?;
+    let export = audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?;
     Ok(Json(
         export
             .records
             .into_iter()
             .filter(|r| q.since_ms.is_none_or(|t| r.time_ms >= t))
-            .filter(|r| match (&q.command, &r.command_id) {
-                (None, _) => true,
-                (Some(want), Some(id)) => {
-                    id.as_str() == Some(want.as_str())
-                        || id.as_u64().is_some_and(|n| want.parse() == Ok(n))
-                }
-                (Some(_), None) => false,
-            })
+            .filter(|r| q.command.as_deref().is_none_or(|want| r.is_about(want)))
             .collect(),
     ))
 }
@@ -307,11 +305,11 @@ async fn audit_export(
     State(s): State<AdminState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<crate::auditlog::Export>, ApiError> {
+) -> Result<Json<crate::audit::Export>, ApiError> {
     authorize(&s, &headers)?;
     let cfg = audit_cfg(&s)?;
     Ok(Json(
-        audit_blocking(move || crate::auditlog::export(&cfg.dir, &id)).await?,
+        audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?,
     ))
 }
 
@@ -341,8 +339,8 @@ async fn audit_verify(
     })?;
     let device = q.get("device").cloned();
     let verdict = audit_blocking(move || {
-        let key = crate::auditlog::load_public_key(&key_path)?;
-        crate::auditlog::verify_dir(&cfg.dir, &key, device.as_deref())
+        let key = crate::audit::load_public_key(&key_path)?;
+        crate::audit::verify_dir(&cfg.dir, &key, device.as_deref())
     })
     .await?;
     let mut out: Vec<AuditVerdict> = verdict
@@ -396,177 +394,4 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("admin API at {0} is not reachable")]
-    Unreachable(String),
-    #[error("admin API: {0}")]
-    Http(String),
-    #[error("admin API refused: {status}: {message}")]
-    Refused { status: u16, message: String },
-}
-
-/// Blocking client for the CLI.
-pub struct AdminClient {
-    base: String,
-    token: AdminToken,
-    agent: ureq::Agent,
-}
-
-impl AdminClient {
-    pub fn new(addr: std::net::SocketAddr, token: AdminToken) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(CLIENT_TIMEOUT))
-            .build()
-            .into();
-        Self {
-            base: format!("http://{addr}"),
-            token,
-            agent,
-        }
-    }
-
-    /// Whether something answers on the admin address (a running gateway).
-    pub fn is_up(addr: std::net::SocketAddr) -> bool {
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-    }
-
-    fn finish<T: serde::de::DeserializeOwned>(
-        &self,
-        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<T, ClientError> {
-        let mut resp = result.map_err(|e| match e {
-            ureq::Error::Io(_) | ureq::Error::ConnectionFailed => {
-                ClientError::Unreachable(self.base.clone())
-            }
-            other => ClientError::Http(other.to_string()),
-        })?;
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
-            resp.body_mut()
-                .read_json::<T>()
-                .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
-        } else {
-            let text = resp.body_mut().read_to_string().unwrap_or_default();
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|b| b.error)
-                .unwrap_or(text);
-            Err(ClientError::Refused { status, message })
-        }
-    }
-
-    fn auth(&self) -> String {
-        format!("Bearer {}", self.token.expose())
-    }
-
-    pub fn health(&self) -> Result<Health, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/health", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn list(&self) -> Result<Vec<Device>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn show(&self, id: &str) -> Result<Device, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices/{id}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn enroll(&self, devices: Vec<Enrollment>) -> Result<Vec<Device>, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/devices", self.base))
-            .header("Authorization", self.auth())
-            .send_json(&EnrollRequest { devices });
-        self.finish(r)
-    }
-
-    pub fn set_status(&self, id: &str, status: DeviceStatus) -> Result<Device, ClientError> {
-        let verb = match status {
-            DeviceStatus::Active => "resume",
-            DeviceStatus::Suspended => "suspend",
-            DeviceStatus::Revoked => "revoke",
-        };
-        let r = self
-            .agent
-            .post(format!("{}/v1/devices/{id}/{verb}", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
-    }
-
-    pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices/{id}/deadletters", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn rejections(&self) -> Result<Vec<RejectionCount>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/stats/rejections", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn audit_verify(&self, device: Option<&str>) -> Result<Vec<AuditVerdict>, ClientError> {
-        let mut url = format!("{}/v1/audit/verify", self.base);
-        if let Some(d) = device {
-            url.push_str(&format!("?device={d}"));
-        }
-        let r = self
-            .agent
-            .get(url)
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn audit_show(&self, device: &str) -> Result<Vec<crate::audit::Record>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/audit/{device}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    pub fn reload_schemas(&self) -> Result<Health, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/schemas/reload", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
-    }
-
-    pub fn reload_tls(&self) -> Result<Health, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/tls/reload", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
-    }
 }

@@ -4,46 +4,20 @@
 //! rustls/webpki's job (`tls`); this module re-checks what a resumed TLS session would skip.
 
 use std::collections::HashSet;
-use std::fmt;
 
-use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::error::Refusal;
-use crate::registry::{Device, DeviceStatus};
+use crate::model::{Device, DeviceStatus, Fingerprint};
+use crate::wire::Refusal;
 
-/// SHA-256 of a certificate's DER.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl Fingerprint {
-    pub fn of(der: &[u8]) -> Self {
-        Self(Sha256::digest(der).into())
-    }
-
-    pub fn parse_hex(text: &str) -> Option<Self> {
-        let text = text.trim();
-        let text: String = text.chars().filter(|c| *c != ':').collect();
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out).ok()?;
-        Some(Self(out))
-    }
-}
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({self})")
-    }
+/// What to do when a CRL is past its next-update time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleCrlPolicy {
+    /// Refuse every client certificate the stale CRL covers until a fresh CRL is loaded.
+    Refuse,
+    /// Keep accepting with the stale CRL and log a warning at every check.
+    Warn,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,9 @@
 //! source only when the previous message was accepted by the destination, so a slow reader on
 //! one side slows the other side down instead of growing memory. Writes are batched: the
 //! destination is flushed when the source has nothing more ready. Close frames pass through;
-//! how a session ends maps to close frames in `error::SessionEnd`. Every data frame is shown
-//! to an [`Inspector`] first (schema validation); a rejected frame is not forwarded and the
-//! inspector's error frame goes back to its sender.
+//! how a session ends maps to close frames in `wire::SessionEnd`. Every data frame is shown
+//! to an [`Inspector`] first (the session's frame steps); a rejected frame is not forwarded
+//! and the inspector's error frame goes back to its sender.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -20,12 +20,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Closer, SessionEnd};
+use crate::frames::Rejection;
 use crate::policy::Direction;
+use crate::wire::{close_code, Close, Closer, SessionEnd};
 
-/// A write the relay waits for before it forwards a held frame: `Ok` forwards, `Err(reply)`
-/// drops the frame and sends `reply` back to its sender.
-pub type Hold = Pin<Box<dyn Future<Output = Result<(), Message>> + Send>>;
+/// A write the relay waits for before it forwards a held frame: `Ok` forwards, `Err` drops
+/// the frame (the inspector says what goes back to its sender).
+pub type Hold = Pin<Box<dyn Future<Output = Result<(), Rejection>> + Send>>;
 
 /// What to do with one data frame.
 pub enum Verdict {
@@ -45,8 +46,16 @@ pub enum Verdict {
 pub trait Inspector {
     fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict;
 
-    /// A frame held by [`Verdict::ForwardAfter`] was released: forwarded when `forwarded`.
-    fn released(&mut self, _direction: Direction, _forwarded: bool) {}
+    /// A frame held by [`Verdict::ForwardAfter`] was released: forwarded on `Ok`, dropped on
+    /// `Err`; returns the reply to send back to its sender.
+    fn released(
+        &mut self,
+        _direction: Direction,
+        _msg: &Message,
+        _result: Result<(), Rejection>,
+    ) -> Option<Message> {
+        None
+    }
 
     /// Drives the inspector's own timers (command timeouts); called on every wake-up.
     fn poll_timers(&mut self, _cx: &mut Context<'_>) {}
@@ -78,11 +87,11 @@ pub struct RelayStats {
 /// How one direction stopped.
 enum PumpEnd {
     /// The source sent a close frame.
-    Closed(Option<CloseFrame>),
+    Closed(Option<Close>),
     /// The source's connection ended without a close frame.
     Vanished,
-    /// The source broke the protocol or a limit.
-    Protocol(CloseCode),
+    /// The source broke the protocol or a limit (the close code to send).
+    Protocol(u16),
     /// Writing to the destination failed.
     WriteFailed,
     /// The source passed its invalid-frame limit.
@@ -106,9 +115,25 @@ fn classify(e: &WsError) -> PumpEnd {
     match e {
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => PumpEnd::Vanished,
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => PumpEnd::Vanished,
-        WsError::Capacity(_) => PumpEnd::Protocol(CloseCode::Size),
-        WsError::Utf8(_) => PumpEnd::Protocol(CloseCode::Invalid),
-        _ => PumpEnd::Protocol(CloseCode::Protocol),
+        WsError::Capacity(_) => PumpEnd::Protocol(close_code::SIZE),
+        WsError::Utf8(_) => PumpEnd::Protocol(close_code::INVALID),
+        _ => PumpEnd::Protocol(close_code::PROTOCOL),
+    }
+}
+
+/// A close frame from the wire, in the core's terms.
+fn from_wire(frame: CloseFrame) -> Close {
+    Close {
+        code: frame.code.into(),
+        reason: frame.reason.to_string(),
+    }
+}
+
+/// A close frame the core decided, for tungstenite.
+fn to_wire(close: Close) -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::from(close.code),
+        reason: close.reason.into(),
     }
 }
 
@@ -163,12 +188,11 @@ impl Pump {
             if let Some((mut hold, msg)) = self.held.take() {
                 match hold.as_mut().poll(cx) {
                     Poll::Ready(Ok(())) => {
-                        inspector.released(self.direction, true);
+                        inspector.released(self.direction, &msg, Ok(()));
                         self.pending = Some(msg);
                     }
-                    Poll::Ready(Err(reply)) => {
-                        inspector.released(self.direction, false);
-                        self.reply = Some(reply);
+                    Poll::Ready(Err(rejection)) => {
+                        self.reply = inspector.released(self.direction, &msg, Err(rejection));
                         continue;
                     }
                     Poll::Pending => {
@@ -198,7 +222,7 @@ impl Pump {
             // so this loop yields to other sessions on its own.
             match Pin::new(&mut *src).poll_next(cx) {
                 Poll::Ready(Some(Ok(Message::Close(frame)))) => {
-                    return Poll::Ready(PumpEnd::Closed(frame))
+                    return Poll::Ready(PumpEnd::Closed(frame.map(from_wire)))
                 }
                 Poll::Ready(Some(Ok(Message::Frame(_)))) => {}
                 Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
@@ -282,7 +306,9 @@ where
                     PumpEnd::WriteFailed => SessionEnd::DeviceVanished,
                     // The limit applies to devices; a backend's invalid commands only get
                     // error frames.
-                    PumpEnd::TooManyInvalid => SessionEnd::BackendProtocolError(CloseCode::Invalid),
+                    PumpEnd::TooManyInvalid => {
+                        SessionEnd::BackendProtocolError(close_code::INVALID)
+                    }
                 });
             }
             // After the pumps: a command they just released arms its timeout here.
@@ -310,7 +336,7 @@ where
 /// peer's close), then reads until the peer's close or end of stream, within `timeout`.
 async fn finish<S>(
     ws: &mut WebSocketStream<S>,
-    send: Option<Option<CloseFrame>>,
+    send: Option<Option<Close>>,
     alive: bool,
     timeout: Duration,
 ) where
@@ -321,7 +347,7 @@ async fn finish<S>(
     }
     let handshake = async {
         let sent = match send {
-            Some(frame) => ws.close(frame).await,
+            Some(frame) => ws.close(frame.map(to_wire)).await,
             None => ws.flush().await,
         };
         if sent.is_err() {

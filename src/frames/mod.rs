@@ -30,6 +30,26 @@ pub enum Encoding {
     Cbor,
 }
 
+/// A WebSocket message as the core sees it: a data frame's payload, or a control frame
+/// (ping, pong, close), which carries nothing to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+    Control,
+}
+
+impl<'a> Frame<'a> {
+    /// A data frame's encoding and payload; `None` for control frames.
+    pub fn data(self) -> Option<(Encoding, &'a [u8])> {
+        match self {
+            Frame::Text(b) => Some((Encoding::Json, b)),
+            Frame::Binary(b) => Some((Encoding::Cbor, b)),
+            Frame::Control => None,
+        }
+    }
+}
+
 /// Why a frame was refused. The code is stable (docs/schemas.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RejectCode {

@@ -1,10 +1,11 @@
 //! The command audit log's data and rules, pure: the record format, the per-device hash chain,
 //! signed checkpoints, payload redaction, and verification. No files and no clocks here: the
-//! storage and the writer are `auditlog`; docs/audit.md describes the scheme and its limits.
+//! storage and the writer are `audit::writer`, reading back is `audit::reader`; docs/audit.md describes the scheme and its limits.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+
+use crate::model::sha256_hex;
 
 /// `prev` of a device's first record: 64 zeros.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -134,13 +135,24 @@ impl Record {
         r
     }
 
+    /// Whether the record is about the command whose id is written `want` (`7` matches the
+    /// number 7 and the string "7").
+    pub fn is_about(&self, want: &str) -> bool {
+        match &self.command_id {
+            Some(id) => {
+                id.as_str() == Some(want) || id.as_u64().is_some_and(|n| want.parse() == Ok(n))
+            }
+            None => false,
+        }
+    }
+
     /// SHA-256 (hex) of the record serialised as stored, with `hash` = "".
     pub fn compute_hash(&self) -> String {
         let mut copy = self.clone();
         copy.hash = String::new();
         // Serialising a struct of strings, integers and a JSON value cannot fail.
         let bytes = serde_json::to_vec(&copy).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
+        sha256_hex(&bytes)
     }
 }
 
@@ -256,7 +268,7 @@ pub fn stored_payload(
         }
         text.truncate(cut);
     }
-    (text, truncated, hex::encode(Sha256::digest(frame)))
+    (text, truncated, sha256_hex(frame))
 }
 
 /// Where a device's chain starts: the first record, or the record after a signed anchor left
@@ -530,7 +542,7 @@ mod tests {
         assert!(!text.contains("1234") && !text.contains("\"9\""));
         assert!(text.contains(REDACTED));
         assert!(!truncated);
-        assert_eq!(sha, hex::encode(Sha256::digest(b"frame")));
+        assert_eq!(sha, sha256_hex(b"frame"));
         let (text, truncated, _) = stored_payload(b"x", &v, &[], 10);
         assert_eq!((text.len(), truncated), (10, true));
     }

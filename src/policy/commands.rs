@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Commands a device may have open at once; more are refused (`rate-limited`) until it
-/// answers or they time out: 256.
-pub const DEFAULT_MAX_OPEN: usize = 256;
-
 /// The key an id is matched by: its JSON text (so `1` and `"1"` are different ids).
 pub fn id_key(id: &Value) -> String {
     id.to_string()

@@ -1,16 +1,18 @@
 //! Per-session frame policy, pure: which schema a frame needs (by route kind and direction),
-//! decode plus validate, the error frame to send back, and the invalid-frame limit per time
-//! window. Takes time as an argument; no I/O. The relay asks it about every data frame; the
-//! session records what it rejected (`deadletter`, `stats`).
+//! decode plus validate, and the invalid-frame limit per time window; a session's open
+//! commands ([`commands`]); rejection accounting ([`rejections`]). Takes time as an
+//! argument; no I/O. The session's frame steps call it for every data frame and record what
+//! it rejected (`session::steps`).
+
+pub mod commands;
+pub mod rejections;
 
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::Message;
-
 use serde_json::Value;
 
-use crate::frames::{self, DecodeLimits, Encoding, RejectCode, Rejection};
-use crate::routing::RouteKind;
+use crate::admission::routing::RouteKind;
+use crate::frames::{self, DecodeLimits, Encoding, Frame, RejectCode, Rejection};
 use crate::schema::{self, SchemaKind, SchemaSet};
 
 /// Which way a frame travels.
@@ -42,8 +44,9 @@ pub fn schema_kind(kind: RouteKind, direction: Direction) -> Option<SchemaKind> 
     }
 }
 
-/// Checks one data frame. `Ok(Some(value))`: forward it (the decoded value, for command
-/// tracking); `Ok(None)`: forward it, nothing was decoded. On control routes every frame is
+/// Checks one frame (JSON in text frames, CBOR in binary frames; control frames pass).
+/// `Ok(Some(value))`: forward it (the decoded value, for command tracking); `Ok(None)`:
+/// forward it, nothing was decoded. On control routes every frame is
 /// decoded so commands and responses can be matched by id, and a command (backend to
 /// device) without an `id` is refused (`missing-id`). A missing optional schema (a control
 /// route's response schema) means the frame is decoded but not validated.
@@ -52,13 +55,11 @@ pub fn check_frame(
     device_type: &str,
     kind: RouteKind,
     direction: Direction,
-    msg: &Message,
+    frame: Frame<'_>,
     limits: DecodeLimits,
 ) -> Result<Option<Value>, (Encoding, Rejection)> {
-    let (encoding, bytes): (Encoding, &[u8]) = match msg {
-        Message::Text(t) => (Encoding::Json, t.as_bytes()),
-        Message::Binary(b) => (Encoding::Cbor, b),
-        _ => return Ok(None),
+    let Some((encoding, bytes)) = frame.data() else {
+        return Ok(None);
     };
     // Required schemas were checked at the handshake; an optional one may be absent.
     let validator = schema_kind(kind, direction).and_then(|k| schemas.get(device_type, k));
@@ -89,15 +90,6 @@ pub fn check_frame(
         })?;
     }
     Ok(Some(value))
-}
-
-/// The reply frame for a rejection, in the sender's encoding.
-pub fn error_message(encoding: Encoding, rejection: &Rejection) -> Message {
-    let bytes = frames::error_frame(encoding, rejection);
-    match encoding {
-        Encoding::Json => Message::text(String::from_utf8_lossy(&bytes).into_owned()),
-        Encoding::Cbor => Message::binary(bytes),
-    }
 }
 
 /// Counts invalid frames in a fixed window; `record` says when the limit is passed.
@@ -170,31 +162,32 @@ mod tests {
 
     #[test]
     fn frames_checked_against_the_shipped_schemas() {
-        let set =
-            SchemaSet::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"))
-                .unwrap();
+        let set = crate::config::load_schemas(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"),
+        )
+        .unwrap();
         let limits = DecodeLimits { max_depth: 16 };
-        let ok = Message::text(
-            r#"{"type":"reading","seq":1,"ts":1,"temperature_c":21.5,"humidity_pct":40}"#,
+        let ok = Frame::Text(
+            br#"{"type":"reading","seq":1,"ts":1,"temperature_c":21.5,"humidity_pct":40}"#,
         );
         assert!(check_frame(
             &set,
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Up,
-            &ok,
+            ok,
             limits
         )
         .is_ok());
-        let hot = Message::text(
-            r#"{"id":"r1","type":"reading","seq":1,"ts":1,"temperature_c":121.5,"humidity_pct":40}"#,
+        let hot = Frame::Text(
+            br#"{"id":"r1","type":"reading","seq":1,"ts":1,"temperature_c":121.5,"humidity_pct":40}"#,
         );
         let (enc, r) = check_frame(
             &set,
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Up,
-            &hot,
+            hot,
             limits,
         )
         .unwrap_err();
@@ -212,7 +205,7 @@ mod tests {
             "door-lock",
             RouteKind::Control,
             Direction::Down,
-            &Message::binary(cbor),
+            Frame::Binary(&cbor),
             limits,
         )
         .unwrap_err();
@@ -226,7 +219,7 @@ mod tests {
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Down,
-            &Message::text("x"),
+            Frame::Text(b"x"),
             limits
         )
         .is_ok());
@@ -235,7 +228,7 @@ mod tests {
             "env-sensor",
             RouteKind::Telemetry,
             Direction::Up,
-            &Message::Ping(vec![1].into()),
+            Frame::Control,
             limits
         )
         .is_ok());

@@ -4,10 +4,20 @@
 //! connect to a backend before answering, and refuse with a real HTTP status.
 
 use base64::Engine;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::error::Refusal;
-use crate::routing::is_token;
+use super::routing::is_token;
+use crate::wire::Refusal;
+
+/// The GUID RFC 6455 section 1.3 appends to the key before hashing.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`: base64(SHA-1(key + GUID)).
+pub fn accept_key(key: &str) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(WEBSOCKET_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
+}
 
 /// Most headers in an upgrade request; more is refused with 431.
 pub const MAX_HEADERS: usize = 64;
@@ -164,7 +174,7 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
 pub fn switching_protocols(key: &str, protocol: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n",
-        derive_accept_key(key.as_bytes())
+        accept_key(key)
     )
     .into_bytes()
 }

@@ -4,8 +4,32 @@
 
 use std::borrow::Cow;
 
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+/// WebSocket close codes the gateway sends or maps (RFC 6455 section 7.4.1).
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Going away: the gateway shuts down, or the other side of the session went away.
+    pub const AWAY: u16 = 1001;
+    /// Protocol error.
+    pub const PROTOCOL: u16 = 1002;
+    /// No status code was present in the peer's close frame (never sent, only logged).
+    pub const NO_STATUS: u16 = 1005;
+    /// The connection dropped without a close frame (never sent, only logged).
+    pub const ABNORMAL: u16 = 1006;
+    /// Invalid payload: bad UTF-8 in a text frame, or too many invalid frames.
+    pub const INVALID: u16 = 1007;
+    /// A message larger than `websocket.max_message_bytes`.
+    pub const SIZE: u16 = 1009;
+    /// Internal error: the backend vanished or broke the protocol.
+    pub const ERROR: u16 = 1011;
+}
+
+/// A close frame as the wire carries it: code and reason (at most 123 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: String,
+}
 
 /// Why a device was refused before the upgrade. Each maps to one HTTP status and a stable code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,55 +207,57 @@ impl Closer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEnd {
     /// A side sent a close frame; it is passed to the other side unchanged.
-    ClosedBy(Closer, Option<CloseFrame>),
+    ClosedBy(Closer, Option<Close>),
     /// The device's connection dropped without a close frame.
     DeviceVanished,
     /// The backend's connection dropped without a close frame.
     BackendVanished,
     /// The device broke the WebSocket protocol (or a limit); the close code says how.
-    DeviceProtocolError(CloseCode),
+    DeviceProtocolError(u16),
     /// The backend broke the WebSocket protocol (or a limit).
-    BackendProtocolError(CloseCode),
+    BackendProtocolError(u16),
     /// The device sent more invalid frames in a window than its route allows.
     InvalidFrameLimit,
     /// Shutdown.
     Shutdown,
 }
 
-fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
-    Some(CloseFrame {
+fn frame(code: u16, reason: &'static str) -> Option<Close> {
+    Some(Close {
         code,
-        reason: reason.into(),
+        reason: reason.to_string(),
     })
 }
 
 impl SessionEnd {
     /// The close frame for the device, if one is to be sent by the gateway. `None` also when
     /// the device initiated the close (tungstenite echoes it).
-    pub fn to_device(&self) -> Option<Option<CloseFrame>> {
+    pub fn to_device(&self) -> Option<Option<Close>> {
         match self {
             SessionEnd::ClosedBy(Closer::Backend, f) => Some(f.clone()),
             SessionEnd::ClosedBy(_, _) | SessionEnd::DeviceVanished => None,
-            SessionEnd::BackendVanished => Some(frame(CloseCode::Error, "backend connection lost")),
-            SessionEnd::BackendProtocolError(_) => Some(frame(CloseCode::Error, "backend error")),
+            SessionEnd::BackendVanished => {
+                Some(frame(close_code::ERROR, "backend connection lost"))
+            }
+            SessionEnd::BackendProtocolError(_) => Some(frame(close_code::ERROR, "backend error")),
             SessionEnd::DeviceProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
             SessionEnd::InvalidFrameLimit => {
-                Some(frame(CloseCode::Invalid, "too many invalid frames"))
+                Some(frame(close_code::INVALID, "too many invalid frames"))
             }
-            SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
+            SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
         }
     }
 
     /// The close frame for the backend, if one is to be sent by the gateway.
-    pub fn to_backend(&self) -> Option<Option<CloseFrame>> {
+    pub fn to_backend(&self) -> Option<Option<Close>> {
         match self {
             SessionEnd::ClosedBy(Closer::Device, f) => Some(f.clone()),
             SessionEnd::ClosedBy(_, _) | SessionEnd::BackendVanished => None,
             SessionEnd::DeviceVanished
             | SessionEnd::DeviceProtocolError(_)
-            | SessionEnd::InvalidFrameLimit => Some(frame(CloseCode::Away, "device disconnected")),
+            | SessionEnd::InvalidFrameLimit => Some(frame(close_code::AWAY, "device disconnected")),
             SessionEnd::BackendProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
-            SessionEnd::Shutdown => Some(frame(CloseCode::Away, "gateway shutting down")),
+            SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
         }
     }
 
@@ -267,20 +293,20 @@ impl SessionEnd {
     /// The close code to log: the one that ended the session, 1006 for a vanished peer.
     pub fn logged_code(&self) -> u16 {
         match self {
-            SessionEnd::ClosedBy(_, Some(f)) => f.code.into(),
-            SessionEnd::ClosedBy(_, None) => 1005,
-            SessionEnd::DeviceVanished | SessionEnd::BackendVanished => 1006,
-            SessionEnd::DeviceProtocolError(c) | SessionEnd::BackendProtocolError(c) => (*c).into(),
-            SessionEnd::InvalidFrameLimit => 1007,
-            SessionEnd::Shutdown => 1001,
+            SessionEnd::ClosedBy(_, Some(f)) => f.code,
+            SessionEnd::ClosedBy(_, None) => close_code::NO_STATUS,
+            SessionEnd::DeviceVanished | SessionEnd::BackendVanished => close_code::ABNORMAL,
+            SessionEnd::DeviceProtocolError(c) | SessionEnd::BackendProtocolError(c) => *c,
+            SessionEnd::InvalidFrameLimit => close_code::INVALID,
+            SessionEnd::Shutdown => close_code::AWAY,
         }
     }
 }
 
-fn protocol_reason(code: CloseCode) -> &'static str {
+fn protocol_reason(code: u16) -> &'static str {
     match code {
-        CloseCode::Size => "message too big",
-        CloseCode::Invalid => "invalid UTF-8 in text frame",
+        close_code::SIZE => "message too big",
+        close_code::INVALID => "invalid UTF-8 in text frame",
         _ => "WebSocket protocol error",
     }
 }
@@ -308,9 +334,9 @@ mod tests {
         let ends = [
             SessionEnd::BackendVanished,
             SessionEnd::DeviceVanished,
-            SessionEnd::DeviceProtocolError(CloseCode::Size),
+            SessionEnd::DeviceProtocolError(close_code::SIZE),
             SessionEnd::InvalidFrameLimit,
-            SessionEnd::BackendProtocolError(CloseCode::Protocol),
+            SessionEnd::BackendProtocolError(close_code::PROTOCOL),
             SessionEnd::Shutdown,
         ];
         for end in ends {
@@ -328,11 +354,11 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .code,
-            CloseCode::Error
+            close_code::ERROR
         );
         assert_eq!(
             SessionEnd::Shutdown.to_backend().unwrap().unwrap().code,
-            CloseCode::Away
+            close_code::AWAY
         );
     }
 }

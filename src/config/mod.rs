@@ -11,46 +11,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::routing::{FrameRules, Route, RouteTable};
+pub mod defaults;
+pub mod schemas;
 
-/// Address devices connect to when the file does not say: the conventional HTTPS-alt port.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
-/// Most device sessions at once: 9,000. Each session holds two sockets (device and backend),
-/// so 9,000 sessions stay under a 20,000 open-file limit with room for the registry, logs and
-/// the admin API. Raise it with the host's `ulimit -n`, halved.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 9_000;
-/// Time a device has to finish TLS and send its upgrade request: 10 s covers a slow cellular
-/// link; a client that stalls longer is dropped so it cannot hold a connection slot.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest HTTP upgrade request (request line and headers): 8 KiB, as nginx's default
-/// `large_client_header_buffers` entry.
-pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
-/// How long a session may take to finish its close handshake after a close was sent: 5 s.
-pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time given to sessions to close on SIGTERM/SIGINT before they are dropped: 10 s.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How often CRL files are checked for changes: 30 s. SIGHUP and the admin API reload at once.
-pub const DEFAULT_CRL_REFRESH: Duration = Duration::from_secs(30);
-/// Time to connect (TCP, TLS and WebSocket upgrade) to one backend before trying the next: 5 s.
-pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest WebSocket message either side may send: 64 KiB. Telemetry and commands are small;
-/// tungstenite's own default (64 MiB) would let one device pin 64 MiB of gateway memory.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// Largest single WebSocket frame: as large as a message, so fragmentation is optional.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
-/// Initial read buffer per WebSocket: 4 KiB (tungstenite allocates 128 KiB per connection by
-/// default and zero-fills it on each read). It grows up to a frame when a large frame arrives.
-pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Bytes buffered before a write goes to the socket: 16 KiB. The relay also flushes as soon as
-/// its source has nothing more ready, so this only batches bursts.
-pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Deepest nesting of arrays and maps in a frame: 16 covers any sane telemetry or command and
-/// keeps decoding recursion shallow.
-pub const DEFAULT_MAX_DEPTH: usize = 16;
-/// Hard ceiling for `schemas.max_depth` (serde_json's own recursion limit is 128).
-pub const MAX_DEPTH_LIMIT: usize = 64;
-/// TLS session tickets sent after a TLS 1.3 handshake: one is enough for one reconnection.
-pub const DEFAULT_TLS13_TICKETS: usize = 1;
+pub use defaults::*;
+
+pub use crate::admission::identity::StaleCrlPolicy;
+use crate::admission::routing::{FrameRules, Route, RouteTable};
+pub use schemas::load_schemas;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -196,15 +164,6 @@ pub enum MinTlsVersion {
     Tls13,
 }
 
-/// What to do when a CRL is past its next-update time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StaleCrlPolicy {
-    /// Refuse every client certificate the stale CRL covers until a fresh CRL is loaded.
-    Refuse,
-    /// Keep accepting with the stale CRL and log a warning at every check.
-    Warn,
-}
-
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -292,35 +251,12 @@ impl Default for WebSocketLimits {
     }
 }
 
-impl WebSocketLimits {
-    /// The tungstenite configuration with every limit set explicitly.
-    pub fn tungstenite(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_bytes)
-            .write_buffer_size(self.write_buffer_bytes)
-            // A queued message plus one write buffer: the relay never queues more than one
-            // message per direction, so this bound is never the one that applies.
-            .max_write_buffer_size(self.write_buffer_bytes + self.max_message_bytes + 64)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_frame_bytes))
-            .accept_unmasked_frames(false)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub connect_timeout: Duration,
     pub ca: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
-
-/// Time a device has to answer a command before it is recorded as timed out: 30 s.
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the heads of changed device chains are signed: 10 s. Records after the last
-/// checkpoint are protected by the hash chain only.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Payload bytes kept in an audit record (after redaction): 1 KiB.
-pub const DEFAULT_AUDIT_PAYLOAD_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
@@ -533,21 +469,17 @@ impl Config {
         let mut seen = HashSet::new();
         let mut routes = Vec::new();
         for r in file.routes {
-            let defaults = FrameRules::default();
             let rules = FrameRules {
-                error_replies: r.error_replies.unwrap_or(defaults.error_replies),
-                invalid_frame_limit: r
-                    .invalid_frame_limit
-                    .unwrap_or(defaults.invalid_frame_limit),
+                error_replies: r.error_replies.unwrap_or(DEFAULT_ERROR_REPLIES),
+                invalid_frame_limit: r.invalid_frame_limit.unwrap_or(DEFAULT_INVALID_FRAME_LIMIT),
                 invalid_frame_window: ms(
                     r.invalid_frame_window_ms,
-                    defaults.invalid_frame_window,
+                    DEFAULT_INVALID_FRAME_WINDOW,
                     "route.invalid_frame_window_ms",
                 )?,
             };
-            let route = Route::parse(&r.subprotocol, &r.kind, &r.device_types, &r.backends)
-                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?
-                .with_frame_rules(rules);
+            let route = Route::parse(&r.subprotocol, &r.kind, &r.device_types, &r.backends, rules)
+                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?;
             if !seen.insert(route.subprotocol.clone()) {
                 return Err(invalid(format!(
                     "subprotocol {:?} is routed twice: each subprotocol names one route",
@@ -573,11 +505,11 @@ impl Config {
             per_device: file
                 .deadletter
                 .per_device
-                .unwrap_or(crate::deadletter::DEFAULT_PER_DEVICE),
+                .unwrap_or(DEFAULT_DEAD_LETTERS_PER_DEVICE),
             max_payload_bytes: file
                 .deadletter
                 .max_payload_bytes
-                .unwrap_or(crate::deadletter::DEFAULT_MAX_PAYLOAD_BYTES),
+                .unwrap_or(DEFAULT_DEAD_LETTER_PAYLOAD_BYTES),
         };
         if !(1..=10_000).contains(&deadletter.per_device) {
             return Err(invalid("deadletter.per_device must be between 1 and 10000"));
@@ -609,7 +541,7 @@ impl Config {
                 max_payload_bytes: a.max_payload_bytes.unwrap_or(DEFAULT_AUDIT_PAYLOAD_BYTES),
                 redact: a.redact.unwrap_or_default(),
                 segment_bytes: match a.segment_bytes {
-                    None => crate::auditlog::DEFAULT_SEGMENT_BYTES,
+                    None => DEFAULT_AUDIT_SEGMENT_BYTES,
                     Some(n) if n >= 4096 => n,
                     Some(_) => return Err(invalid("audit.segment_bytes must be at least 4096")),
                 },
@@ -772,7 +704,7 @@ mod example_tests {
     #[test]
     fn example_config_is_valid() {
         let dir = tempfile::tempdir().unwrap();
-        let example = include_str!("../gatehouse.example.toml");
+        let example = include_str!("../../gatehouse.example.toml");
         let path = dir.path().join("gatehouse.toml");
         std::fs::write(&path, example).unwrap();
         std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123456789").unwrap();

@@ -15,8 +15,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
+use crate::admission::identity::RevocationIndex;
 use crate::config::{BackendConfig, MinTlsVersion, StaleCrlPolicy, TlsConfig};
-use crate::identity::RevocationIndex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

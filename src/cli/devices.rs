@@ -1,0 +1,265 @@
+//! `gatehouse devices ...` and `gatehouse deadletters`: through the admin API while a
+//! gateway runs, or on the embedded storage directly when none does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use gatehouse::admin::AdminClient;
+use gatehouse::config::Config;
+use gatehouse::model::{Device, DeviceStatus, Enrollment, Fingerprint};
+use gatehouse::storage::{DeadLetterStore, DeviceStore, Embedded, RegistryError};
+
+use super::rfc3339;
+
+#[derive(Subcommand)]
+pub enum DevicesCommand {
+    /// Enroll one certificate (--id, --type, --cert) or a whole manifest (--manifest).
+    Enroll {
+        #[arg(long, conflicts_with = "manifest", requires_all = ["device_type", "cert"])]
+        id: Option<String>,
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Label KEY=VALUE, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, required_unless_present = "id")]
+        manifest: Option<PathBuf>,
+    },
+    /// List devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show { id: String },
+    /// Suspend a device: its next handshake is refused.
+    Suspend { id: String },
+    /// Resume a suspended device.
+    Resume { id: String },
+    /// Revoke a device (final).
+    Revoke { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+/// The registry, through the admin API when a gateway runs, or opened directly.
+enum Access {
+    Admin(AdminClient),
+    Direct(Embedded),
+}
+
+fn access(config: &Config) -> anyhow::Result<Access> {
+    if let Some(admin) = &config.admin {
+        if AdminClient::is_up(admin.listen) {
+            return Ok(Access::Admin(AdminClient::new(
+                admin.listen,
+                admin.token.clone(),
+            )));
+        }
+    }
+    match Embedded::open(&config.registry_path, config.deadletter.per_device) {
+        Ok(r) => Ok(Access::Direct(r)),
+        Err(RegistryError::Locked(path)) => bail!(
+            "registry {} is held by a running gateway, and {}",
+            path.display(),
+            match &config.admin {
+                Some(a) => format!("its admin API at {} does not answer", a.listen),
+                None => "no [admin] section is configured: add one to manage devices while the gateway runs".into(),
+            }
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn cert_fingerprint(path: &Path) -> anyhow::Result<Fingerprint> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .with_context(|| format!("{}: not a PEM certificate", path.display()))?;
+    gatehouse::admission::identity::PeerCertificate::parse(&der)
+        .with_context(|| format!("{}: not an X.509 certificate", path.display()))?;
+    Ok(Fingerprint::of(&der))
+}
+
+fn manifest_enrollments(path: &Path) -> anyhow::Result<Vec<Enrollment>> {
+    let manifest = gatehouse_pki::Manifest::load(path)?;
+    if manifest.devices.is_empty() {
+        bail!("manifest {} lists no devices", path.display());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::with_capacity(manifest.devices.len());
+    for entry in manifest.devices {
+        let cert = base.join(&entry.cert);
+        if cert.exists() {
+            let actual = cert_fingerprint(&cert)?.to_string();
+            if !actual.eq_ignore_ascii_case(&entry.sha256) {
+                bail!(
+                    "manifest entry {}: certificate {} has sha256 {actual}, the manifest says {}; nothing enrolled",
+                    entry.id,
+                    cert.display(),
+                    entry.sha256
+                );
+            }
+        }
+        out.push(Enrollment {
+            id: entry.id,
+            device_type: entry.device_type,
+            sha256: entry.sha256.to_ascii_lowercase(),
+            labels: BTreeMap::new(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn deadletters(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
+    gatehouse_pki::validate_device_id(id)?;
+    let letters = match access(config)? {
+        Access::Admin(c) => c.deadletters(id)?,
+        Access::Direct(s) => {
+            if s.devices.get(id).is_none() {
+                bail!(RegistryError::UnknownDevice(id.to_string()));
+            }
+            s.dead_letters.list(id)?
+        }
+    };
+    for l in &letters {
+        if json {
+            println!("{}", serde_json::to_string(l)?);
+            continue;
+        }
+        let payload = l.payload();
+        let shown = if l.encoding == "json" {
+            String::from_utf8_lossy(&payload).into_owned()
+        } else {
+            format!("cbor {}", hex::encode(&payload))
+        };
+        println!(
+            "#{} {} {} {} {} at {:?}: {}\n    {}{}",
+            l.seq,
+            rfc3339(l.time),
+            l.route,
+            l.direction,
+            l.code,
+            l.pointer,
+            l.message,
+            shown,
+            if l.truncated {
+                format!(" ... ({} bytes in all)", l.payload_len)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !json && letters.is_empty() {
+        println!("no rejected frames stored for {id}");
+    }
+    Ok(())
+}
+
+fn print_device(d: &Device) {
+    println!("id           {}", d.id);
+    println!("type         {}", d.device_type);
+    println!("status       {}", d.status.as_str());
+    println!("created      {}", rfc3339(d.created_at));
+    println!("updated      {}", rfc3339(d.updated_at));
+    for fp in &d.fingerprints {
+        println!("cert sha256  {fp}");
+    }
+    for (k, v) in &d.labels {
+        println!("label        {k}={v}");
+    }
+}
+
+pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
+    let access = access(config)?;
+    let set_status = |id: &str, status: DeviceStatus| -> anyhow::Result<Device> {
+        gatehouse_pki::validate_device_id(id)?;
+        Ok(match &access {
+            Access::Admin(c) => c.set_status(id, status)?,
+            Access::Direct(s) => s.devices.set_status(id, status)?,
+        })
+    };
+    match command {
+        DevicesCommand::Enroll {
+            id,
+            device_type,
+            cert,
+            labels,
+            manifest,
+        } => {
+            let enrollments = match (id, device_type, cert, manifest) {
+                (Some(id), Some(device_type), Some(cert), None) => vec![Enrollment {
+                    id,
+                    device_type,
+                    sha256: cert_fingerprint(&cert)?.to_string(),
+                    labels: labels.into_iter().collect(),
+                }],
+                (None, _, _, Some(manifest)) => manifest_enrollments(&manifest)?,
+                _ => bail!("give either --id, --type and --cert, or --manifest"),
+            };
+            let enrolled = match &access {
+                Access::Admin(c) => c.enroll(enrollments)?,
+                Access::Direct(s) => s.devices.enroll_many(enrollments)?,
+            };
+            println!("enrolled {} device(s)", enrolled.len());
+        }
+        DevicesCommand::List { json } => {
+            let all: Vec<Device> = match &access {
+                Access::Admin(c) => c.list()?,
+                Access::Direct(s) => s.devices.list().iter().map(|d| (**d).clone()).collect(),
+            };
+            if json {
+                for d in &all {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+            } else {
+                println!(
+                    "{:<24} {:<16} {:<10} {:>5}  UPDATED",
+                    "ID", "TYPE", "STATUS", "CERTS"
+                );
+                for d in &all {
+                    println!(
+                        "{:<24} {:<16} {:<10} {:>5}  {}",
+                        d.id,
+                        d.device_type,
+                        d.status.as_str(),
+                        d.fingerprints.len(),
+                        rfc3339(d.updated_at)
+                    );
+                }
+            }
+        }
+        DevicesCommand::Show { id } => {
+            gatehouse_pki::validate_device_id(&id)?;
+            let d = match &access {
+                Access::Admin(c) => c.show(&id)?,
+                Access::Direct(s) => s
+                    .devices
+                    .get(&id)
+                    .map(|d| (*d).clone())
+                    .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))?,
+            };
+            print_device(&d);
+        }
+        DevicesCommand::Suspend { id } => {
+            let d = set_status(&id, DeviceStatus::Suspended)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+        DevicesCommand::Resume { id } => {
+            let d = set_status(&id, DeviceStatus::Active)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+        DevicesCommand::Revoke { id } => {
+            let d = set_status(&id, DeviceStatus::Revoked)?;
+            println!("device {} is {}", d.id, d.status.as_str());
+        }
+    }
+    Ok(())
+}

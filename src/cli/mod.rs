@@ -1,0 +1,110 @@
+//! The command line: one global `--config` (or `GATEHOUSE_CONFIG`) and log format, and one
+//! file per subcommand group: [`serve`] (serve, check, reload), [`devices`] (the registry and
+//! dead letters), [`audit`] (the command audit log).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gatehouse::config::Config;
+
+pub mod audit;
+pub mod devices;
+pub mod serve;
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "mTLS WebSocket gateway for device fleets"
+)]
+pub struct Cli {
+    /// The gateway's configuration file (before or after the subcommand).
+    #[arg(long, global = true, env = "GATEHOUSE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "GATEHOUSE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate a config file and every file it names, without binding any port.
+    Check,
+    /// Show a device's rejected frames (the dead-letter store), oldest first.
+    Deadletters {
+        id: String,
+        /// JSON lines instead of a readable listing.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query, verify and export the per-device command audit log.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Ask the running gateway to reload TLS material and schemas (like SIGHUP).
+    Reload,
+    /// Manage the device registry (through the admin API while the gateway runs).
+    Devices {
+        #[command(subcommand)]
+        command: devices::DevicesCommand,
+    },
+}
+
+/// Logs to standard error; colour only when that is a terminal.
+pub fn init_tracing(format: &str) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The config file, which every subcommand but `audit verify --file` needs.
+fn config_path(config: Option<&Path>) -> anyhow::Result<&Path> {
+    config.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give --config FILE (or set GATEHOUSE_CONFIG) to name the gateway's configuration"
+        )
+    })
+}
+
+fn load(config: Option<&Path>) -> anyhow::Result<Config> {
+    let path = config_path(config)?;
+    Config::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// A time as RFC 3339 (UTC), the one format the CLI prints.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Serve => serve::serve(load(config)?),
+        Command::Check => serve::check(config_path(config)?),
+        Command::Reload => serve::reload(&load(config)?),
+        Command::Devices { command } => devices::devices(&load(config)?, command),
+        Command::Deadletters { id, json } => devices::deadletters(&load(config)?, &id, json),
+        Command::Audit { command } => audit::audit(config, command),
+    }
+}

@@ -1,0 +1,125 @@
+//! `gatehouse serve`, `check` and `reload`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use gatehouse::admin::AdminClient;
+use gatehouse::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stop signal received");
+            signals.cancel();
+        });
+        gatehouse::run(config, shutdown).await
+    })
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Loads the config and every file it names (TLS material, CRLs, backend TLS, schemas, the
+/// admin token, the audit signing and public keys) and prints what it found.
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let tls = gatehouse::net::tls::TlsState::load(&config.tls)?;
+    gatehouse::net::tls::backend_client_config(&config.backend)?;
+    if let Some(audit) = &config.audit {
+        gatehouse::audit::load_signing_key(&audit.signing_key)?;
+        if let Some(public) = &audit.public_key {
+            gatehouse::audit::load_public_key(public)?;
+        }
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let stale = tls.current().crls.stale(now).count();
+    println!("config {} is valid", path.display());
+    println!("  listen            {}", config.listen);
+    println!("  client CA         {}", config.tls.client_ca.display());
+    println!(
+        "  CRLs              {} file(s), {} revoked serial(s), {} stale",
+        config.tls.crls.len(),
+        tls.current().crls.len(),
+        stale
+    );
+    println!("  registry          {}", config.registry_path.display());
+    if let Some(audit) = &config.audit {
+        println!("  audit log         {}", audit.dir.display());
+    }
+    for route in config.routes.iter() {
+        println!(
+            "  route {:<12} {} for [{}] -> {}",
+            route.subprotocol,
+            route.kind.as_str(),
+            route.device_types.join(", "),
+            route
+                .backends
+                .iter()
+                .map(|b| b.url.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let schemas = gatehouse::config::load_schemas(&config.schemas_dir)?;
+    for (t, kinds) in schemas.device_types() {
+        let names: Vec<&str> = kinds.iter().map(|k| k.file_name()).collect();
+        println!("  schemas {:<14} {}", t, names.join(", "));
+    }
+    let missing = schemas.missing_for(&config.routes);
+    for (route, device_type, file) in &missing {
+        println!(
+            "error: route {route} allows device type {device_type} but {} is missing",
+            config.schemas_dir.join(device_type).join(file).display()
+        );
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{} schema file(s) missing: devices of those types would be refused on those routes",
+            missing.len()
+        );
+    }
+    if stale > 0 {
+        println!("warning: {stale} CRL(s) are past their next update (tls.stale_crl decides what happens)");
+    }
+    Ok(())
+}
+
+/// Asks the running gateway to reload TLS material and schemas.
+pub fn reload(config: &Config) -> anyhow::Result<()> {
+    let Some(admin) = &config.admin else {
+        bail!("no [admin] section: send SIGHUP to the gateway instead");
+    };
+    let client = AdminClient::new(admin.listen, admin.token.clone());
+    client.reload_tls()?;
+    client.reload_schemas()?;
+    println!("TLS material and schemas reloaded");
+    Ok(())
+}

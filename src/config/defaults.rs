@@ -1,0 +1,86 @@
+//! Every default of the configuration, as a named constant with its unit and the reason for
+//! its value. Nothing else in the crate picks a default for a configurable value.
+
+use std::time::Duration;
+
+/// Address devices connect to when the file does not say: the conventional HTTPS-alt port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+
+/// Most device sessions at once: 9,000. Each session holds two sockets (device and backend),
+/// so 9,000 sessions stay under a 20,000 open-file limit with room for the registry, logs and
+/// the admin API. Raise it with the host's `ulimit -n`, halved.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 9_000;
+
+/// Time a device has to finish TLS and send its upgrade request: 10 s covers a slow cellular
+/// link; a client that stalls longer is dropped so it cannot hold a connection slot.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest HTTP upgrade request (request line and headers): 8 KiB, as nginx's default
+/// `large_client_header_buffers` entry.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
+
+/// How long a session may take to finish its close handshake after a close was sent: 5 s.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time given to sessions to close on SIGTERM/SIGINT before they are dropped: 10 s.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often CRL files are checked for changes: 30 s. SIGHUP and the admin API reload at once.
+pub const DEFAULT_CRL_REFRESH: Duration = Duration::from_secs(30);
+
+/// Time to connect (TCP, TLS and WebSocket upgrade) to one backend before trying the next: 5 s.
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest WebSocket message either side may send: 64 KiB. Telemetry and commands are small;
+/// tungstenite's own default (64 MiB) would let one device pin 64 MiB of gateway memory.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest single WebSocket frame: as large as a message, so fragmentation is optional.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Initial read buffer per WebSocket: 4 KiB (tungstenite allocates 128 KiB per connection by
+/// default and zero-fills it on each read). It grows up to a frame when a large frame arrives.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Bytes buffered before a write goes to the socket: 16 KiB. The relay also flushes as soon as
+/// its source has nothing more ready, so this only batches bursts.
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Deepest nesting of arrays and maps in a frame: 16 covers any sane telemetry or command and
+/// keeps decoding recursion shallow.
+pub const DEFAULT_MAX_DEPTH: usize = 16;
+
+/// Hard ceiling for `schemas.max_depth` (serde_json's own recursion limit is 128).
+pub const MAX_DEPTH_LIMIT: usize = 64;
+
+/// TLS session tickets sent after a TLS 1.3 handshake: one is enough for one reconnection.
+pub const DEFAULT_TLS13_TICKETS: usize = 1;
+
+/// Time a device has to answer a command before it is recorded as timed out: 30 s.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the heads of changed device chains are signed: 10 s. Records after the last
+/// checkpoint are protected by the hash chain only.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Payload bytes kept in an audit record (after redaction): 1 KiB.
+pub const DEFAULT_AUDIT_PAYLOAD_BYTES: usize = 1024;
+/// Rejected frames kept per device: 100, enough to see a pattern, small enough for sled.
+pub const DEFAULT_DEAD_LETTERS_PER_DEVICE: usize = 100;
+/// Payload bytes kept per rejected frame: 4 KiB (the length of the whole frame is recorded).
+pub const DEFAULT_DEAD_LETTER_PAYLOAD_BYTES: usize = 4096;
+/// Audit segment size before a new file is started: 64 MiB.
+pub const DEFAULT_AUDIT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Invalid frames a device may send per window before it is disconnected: 20 per 10 s lets a
+/// device with a bug report itself through error frames without flooding the backend's
+/// dead-letter store.
+pub const DEFAULT_INVALID_FRAME_LIMIT: u32 = 20;
+pub const DEFAULT_INVALID_FRAME_WINDOW: Duration = Duration::from_secs(10);
+/// Rejected frames answered with an error frame unless a route says otherwise.
+pub const DEFAULT_ERROR_REPLIES: bool = true;
+/// Commands a device may have open at once; more are refused (`rate-limited`) until it
+/// answers or they time out: 256.
+pub const DEFAULT_MAX_OPEN_COMMANDS: usize = 256;
+/// Rejection log lines allowed per second, across sessions, before they are suppressed and
+/// counted: 20.
+pub const DEFAULT_REJECTION_LOG_LINES_PER_SECOND: u32 = 20;

@@ -1,0 +1,24 @@
+//! Network plumbing of the shell: rustls server and client configurations ([`tls`]), the
+//! backend WebSocket connector ([`backend`]), the session worker runtimes ([`workers`]), and
+//! the tungstenite configuration built from the validated limits. No decisions live here.
+
+pub mod backend;
+pub mod tls;
+pub mod workers;
+
+use crate::config::WebSocketLimits;
+
+/// The tungstenite configuration with every limit set explicitly.
+pub fn websocket_config(
+    limits: &WebSocketLimits,
+) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(limits.write_buffer_bytes)
+        // A queued message plus one write buffer: the relay never queues more than one
+        // message per direction, so this bound is never the one that applies.
+        .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes + 64)
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes))
+        .accept_unmasked_frames(false)
+}

@@ -1,0 +1,292 @@
+//! A connection's way to a session, before the first frame: the TLS handshake and the upgrade
+//! request (the device's part, bounded by `server.handshake_timeout`), the admission decision
+//! (the core's `admission::admit` on what the handshake learned), the backend connection
+//! (bounded by its own deadline, `backend.connect_timeout` per backend tried), and the
+//! answer: 101, or the refusal `wire` maps to HTTP. Shutdown is watched at defined points,
+//! and a connection that has sent its request gets a complete 503 rather than a dropped
+//! socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use super::Shared;
+use crate::admission::identity::{IdentityError, PeerCertificate};
+use crate::admission::routing::Route;
+use crate::admission::upgrade::{self, Parsed, UpgradeRequest};
+use crate::admission::{admit, Admission};
+use crate::audit::{Event, RecordKind};
+use crate::model::Device;
+use crate::net::backend::{BackendSocket, DeviceIdentity};
+use crate::wire::Refusal;
+
+/// Longest time to write an answer (a refusal or the 101) and close TLS: 2 s. A device that
+/// does not read cannot hold the connection longer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes read from the socket per call while the upgrade request comes in: 1 KiB.
+const REQUEST_CHUNK_BYTES: usize = 1024;
+
+/// What the handshake produced.
+pub enum Outcome {
+    Upgraded(Box<Upgraded>),
+    /// An answer other than 101 was sent.
+    Refused,
+}
+
+/// A device connection upgraded to WebSocket, with its backend connected.
+pub struct Upgraded {
+    pub device_ws: WebSocketStream<TlsStream<TcpStream>>,
+    pub backend: BackendSocket,
+    pub device: Arc<Device>,
+    pub route: Arc<Route>,
+    pub backend_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("client presented no certificate")]
+    NoCertificate,
+    #[error("{0}")]
+    Certificate(#[from] IdentityError),
+    #[error("reading the upgrade request: {0}")]
+    Read(std::io::Error),
+    #[error("connection closed before the upgrade request was complete")]
+    Eof,
+    #[error("writing the response: {0}")]
+    Write(std::io::Error),
+    #[error("TLS handshake and upgrade request not complete within {0:?}; connection dropped")]
+    TimedOut(Duration),
+    #[error("the gateway began shutting down before the upgrade request was complete")]
+    ShuttingDown,
+}
+
+/// The device's part of the handshake: TLS, its certificate, its request.
+struct Greeting {
+    tls: TlsStream<TcpStream>,
+    cert: PeerCertificate,
+    resumed: bool,
+    /// The request and the bytes after it, or the refusal for a bad request.
+    request: Result<(UpgradeRequest, Vec<u8>), Refusal>,
+}
+
+async fn greeting(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    max_request_bytes: usize,
+) -> Result<Greeting, HandshakeError> {
+    let mut tls = acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?;
+    let (cert, resumed) = {
+        let conn = tls.get_ref().1;
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(HandshakeError::NoCertificate)?;
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        (PeerCertificate::parse(leaf)?, resumed)
+    };
+    let request = read_request(&mut tls, max_request_bytes).await?;
+    Ok(Greeting {
+        tls,
+        cert,
+        resumed,
+        request,
+    })
+}
+
+/// Runs the handshake of one connection.
+pub async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+    conn_id: &str,
+) -> Result<Outcome, HandshakeError> {
+    let loaded = shared.tls.current();
+    let timeout = shared.config.handshake_timeout;
+    let greeting = tokio::select! {
+        // Cancel-safe: nothing has been answered yet; dropping the future drops the
+        // half-open connection.
+        _ = shared.shutdown.cancelled() => return Err(HandshakeError::ShuttingDown),
+        r = tokio::time::timeout(
+            timeout,
+            greeting(
+                TlsAcceptor::from(loaded.server.clone()),
+                tcp,
+                shared.config.max_request_header_bytes,
+            ),
+        ) => r.map_err(|_| HandshakeError::TimedOut(timeout))??,
+    };
+    let Greeting {
+        mut tls,
+        cert,
+        resumed,
+        request,
+    } = greeting;
+    let (request, leftover) = match request {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::info!(refusal = refusal.code(), "refused: bad upgrade request");
+            refuse(&mut tls, &refusal).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
+    if shared.shutdown.is_cancelled() {
+        refuse(&mut tls, &Refusal::ShuttingDown).await?;
+        return Ok(Outcome::Refused);
+    }
+
+    let record = shared.registry.lookup(&cert.fingerprint);
+    let decision = {
+        let schemas = shared.schemas.load();
+        admit(Admission {
+            cert: &cert,
+            crls: &loaded.crls,
+            stale_crl: shared.tls.stale_policy(),
+            now: time::OffsetDateTime::now_utc().unix_timestamp(),
+            device: record.as_ref(),
+            offered: &request.protocols,
+            routes: &shared.config.routes,
+            schemas: &schemas,
+        })
+    };
+    let admitted = match decision {
+        Ok(a) => a,
+        Err((refusal, device_id)) => {
+            tracing::info!(
+                refusal = refusal.code(),
+                device.id = device_id.as_deref().unwrap_or("-"),
+                cert.sha256 = %cert.fingerprint,
+                tls.resumed = resumed,
+                "refused before the upgrade"
+            );
+            if let (Some(audit), Some(id)) = (&shared.audit, &device_id) {
+                audit.record(Event {
+                    device: id.clone(),
+                    kind: Some(RecordKind::Refused),
+                    connection: Some(conn_id.to_string()),
+                    detail: Some(format!("HTTP {} {}", refusal.status(), refusal.code())),
+                    ..Default::default()
+                });
+            }
+            refuse(&mut tls, &refusal).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
+    let (device, route) = (admitted.device, admitted.route);
+    if let Some(claimed) = &cert.claimed_id {
+        if claimed != &device.id {
+            tracing::warn!(device.id = %device.id, cert.claimed_id = %claimed, "certificate names another device id than the registry; the registry wins");
+        }
+    }
+    if request.dropped_identity_headers > 0 {
+        tracing::warn!(device.id = %device.id, count = request.dropped_identity_headers, "device sent x-gatehouse-* headers; dropped");
+    }
+
+    let fingerprint = cert.fingerprint.to_string();
+    let identity = DeviceIdentity {
+        device_id: &device.id,
+        device_type: &device.device_type,
+        cert_sha256: &fingerprint,
+        connection_id: conn_id,
+    };
+    // The backend connection has its own deadline (each backend tried gets
+    // `backend.connect_timeout`), not the device's handshake timeout: a dead pool is a 502.
+    let connected = tokio::select! {
+        // Cancel-safe: an unfinished backend connection is dropped; the device gets a 503.
+        _ = shared.shutdown.cancelled() => {
+            refuse(&mut tls, &Refusal::ShuttingDown).await?;
+            return Ok(Outcome::Refused);
+        }
+        r = shared.connector.connect_route(&route, &identity, &request.forward_headers) => r,
+    };
+    let (backend, backend_url) = match connected {
+        Ok(ok) => ok,
+        Err(errors) => {
+            tracing::warn!(
+                device.id = %device.id,
+                route = %route.subprotocol,
+                attempts = errors.len(),
+                "refused: no backend of the route accepted the connection"
+            );
+            refuse(&mut tls, &Refusal::BackendUnavailable).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
+    let backend_url = backend_url.url.clone();
+
+    let answer = async {
+        tls.write_all(&upgrade::switching_protocols(
+            &request.key,
+            &route.subprotocol,
+        ))
+        .await?;
+        tls.flush().await
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(HandshakeError::Write(e)),
+        Err(_) => {
+            return Err(HandshakeError::Write(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the device did not read the 101 answer",
+            )))
+        }
+    }
+    let device_ws = WebSocketStream::from_partially_read(
+        tls,
+        leftover,
+        Role::Server,
+        Some(crate::net::websocket_config(&shared.config.websocket)),
+    )
+    .await;
+    Ok(Outcome::Upgraded(Box::new(Upgraded {
+        device_ws,
+        backend,
+        device,
+        route,
+        backend_url,
+    })))
+}
+
+/// Reads the upgrade request. `Ok(Err(refusal))`: a bad request to answer.
+async fn read_request(
+    tls: &mut TlsStream<TcpStream>,
+    max_bytes: usize,
+) -> Result<Result<(UpgradeRequest, Vec<u8>), Refusal>, HandshakeError> {
+    let mut buf = Vec::with_capacity(REQUEST_CHUNK_BYTES);
+    let mut chunk = [0u8; REQUEST_CHUNK_BYTES];
+    loop {
+        let n = match tls.read(&mut chunk).await {
+            Ok(0) => return Err(HandshakeError::Eof),
+            Ok(n) => n,
+            Err(e) => return Err(HandshakeError::Read(e)),
+        };
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        match upgrade::parse(&buf, max_bytes) {
+            Ok(Parsed::Complete(request, used)) => {
+                let leftover = buf.split_off(used);
+                return Ok(Ok((request, leftover)));
+            }
+            Ok(Parsed::Partial) => continue,
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    }
+}
+
+/// Sends the refusal and closes TLS cleanly, bounded so a stuck client cannot hold us.
+async fn refuse(tls: &mut TlsStream<TcpStream>, refusal: &Refusal) -> Result<(), HandshakeError> {
+    let send = async {
+        tls.write_all(&refusal.http_response()).await?;
+        tls.shutdown().await
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, send).await {
+        Ok(Ok(())) | Err(_) => Ok(()),
+        Ok(Err(e)) => Err(HandshakeError::Write(e)),
+    }
+}

@@ -1,0 +1,176 @@
+//! One device connection, start to end, as the thin async shell around the core's
+//! decisions: the [`handshake`] (TLS, upgrade request, admission, backend, 101), the
+//! route's frame [`steps`] composed into a chain, the [`relay`] that moves frames both ways
+//! through it, and the lifecycle here that ties them together and writes the one
+//! `session ended` log line.
+
+pub mod handshake;
+pub mod relay;
+pub mod steps;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::config::DEFAULT_REJECTION_LOG_LINES_PER_SECOND;
+use crate::net::backend::Connector;
+use crate::net::tls::TlsState;
+use crate::policy::rejections::{LogLimiter, RejectionStats};
+use crate::schema::SchemaSet;
+use crate::storage::{DeadLetterSink, DeviceStore};
+use handshake::{Outcome, Upgraded};
+use steps::{SessionInfo, StepConfig, Validate};
+
+/// Everything sessions share; built once per server.
+pub struct Shared {
+    pub config: Config,
+    pub tls: Arc<TlsState>,
+    pub registry: Arc<dyn DeviceStore>,
+    pub connector: Connector,
+    pub shutdown: CancellationToken,
+    pub schemas: Arc<ArcSwap<SchemaSet>>,
+    pub rejections: Arc<RejectionStats>,
+    pub deadletters: DeadLetterSink,
+    pub audit: Option<AuditLog>,
+    pub rejection_log: Arc<LogLimiter>,
+    boot_id: u64,
+    next_connection: AtomicU64,
+}
+
+/// The frame-validation services sessions use.
+pub struct FrameServices {
+    pub schemas: Arc<ArcSwap<SchemaSet>>,
+    pub rejections: Arc<RejectionStats>,
+    pub deadletters: DeadLetterSink,
+    pub audit: Option<AuditLog>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        tls: Arc<TlsState>,
+        registry: Arc<dyn DeviceStore>,
+        connector: Connector,
+        frames: FrameServices,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let boot_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Self {
+            config,
+            tls,
+            registry,
+            connector,
+            shutdown,
+            schemas: frames.schemas,
+            rejections: frames.rejections,
+            deadletters: frames.deadletters,
+            audit: frames.audit,
+            rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
+            boot_id,
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    /// A connection id unique within this process and, by its boot prefix, across restarts.
+    pub fn connection_id(&self) -> String {
+        let n = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n:x}", self.boot_id)
+    }
+
+    /// The frame steps' settings for a session.
+    fn step_config(&self) -> StepConfig {
+        let audit = self.config.audit.as_ref();
+        StepConfig {
+            stats: self.rejections.clone(),
+            log: self.rejection_log.clone(),
+            dead_letters: self.deadletters.clone(),
+            dead_letter_payload_bytes: self.config.deadletter.max_payload_bytes,
+            audit: self
+                .audit
+                .clone()
+                .zip(audit)
+                .map(|(log, cfg)| (log, Arc::from(cfg.redact.clone()), cfg.max_payload_bytes)),
+            command_timeout: audit
+                .map(|a| a.command_timeout)
+                .unwrap_or(crate::config::DEFAULT_COMMAND_TIMEOUT),
+            max_open_commands: crate::config::DEFAULT_MAX_OPEN_COMMANDS,
+        }
+    }
+}
+
+/// Handles one accepted TCP connection until it ends.
+pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let conn_id = shared.connection_id();
+    let span = tracing::info_span!("conn", conn.id = %conn_id, peer = %peer);
+    async move {
+        let started = tokio::time::Instant::now();
+        let _ = tcp.set_nodelay(true);
+        let upgraded = match handshake::handshake(&shared, tcp, &conn_id).await {
+            Ok(Outcome::Upgraded(u)) => u,
+            Ok(Outcome::Refused) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "connection failed before the upgrade");
+                return;
+            }
+        };
+        let Upgraded {
+            mut device_ws,
+            mut backend,
+            device,
+            route,
+            backend_url,
+        } = *upgraded;
+        tracing::debug!(device.id = %device.id, route = %route.subprotocol, backend = %backend_url, "session open");
+        let info = Arc::new(SessionInfo {
+            device_id: device.id.clone(),
+            device_type: device.device_type.clone(),
+            route,
+            backend_url,
+            conn_id,
+        });
+        let mut chain = steps::chain(
+            info.clone(),
+            Validate {
+                schemas: shared.schemas.clone(),
+                limits: shared.config.limits,
+            },
+            shared.step_config(),
+        );
+        let (end, stats) = relay::relay(
+            &mut device_ws,
+            &mut backend,
+            &shared.shutdown,
+            shared.config.close_timeout,
+            &mut chain,
+        )
+        .await;
+        chain.finish(&end);
+        tracing::info!(
+            device.id = %info.device_id,
+            device.r#type = %info.device_type,
+            route = %info.route.subprotocol,
+            backend = %info.backend_url,
+            duration_ms = started.elapsed().as_millis() as u64,
+            frames.up = stats.up.frames,
+            bytes.up = stats.up.bytes,
+            frames.down = stats.down.frames,
+            bytes.down = stats.down.bytes,
+            frames.rejected = chain.rejected,
+            close.code = end.logged_code(),
+            close.by = end.closer().as_str(),
+            "session ended"
+        );
+    }
+    .instrument(span)
+    .await
+}
