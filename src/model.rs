@@ -108,3 +108,19 @@ pub struct DeviceChange {
     /// Fingerprints the device had before the change and no longer has.
     pub removed_fingerprints: Vec<String>,
 }
+
+/// What a route carries; later layers pick the schema by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Telemetry,
+    Control,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Telemetry => "telemetry",
+            RouteKind::Control => "control",
+        }
+    }
+}

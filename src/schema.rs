@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::admission::routing::{RouteKind, RouteTable};
 use crate::frames::{RejectCode, Rejection};
+use crate::model::RouteKind;
 
 /// Longest validation message sent back in an error frame.
 pub const MAX_MESSAGE_BYTES: usize = 200;
@@ -117,20 +117,6 @@ impl SchemaSet {
         self.types
             .iter()
             .map(|(t, k)| (t, k.keys().copied().collect()))
-    }
-
-    /// Every (route, device type, file) a route needs but the set lacks.
-    pub fn missing_for(&self, routes: &RouteTable) -> Vec<(String, String, &'static str)> {
-        let mut out = Vec::new();
-        for route in routes.iter() {
-            let kind = SchemaKind::required_by(route.kind);
-            for t in &route.device_types {
-                if self.get(t, kind).is_none() {
-                    out.push((route.subprotocol.clone(), t.clone(), kind.file_name()));
-                }
-            }
-        }
-        out
     }
 }
 

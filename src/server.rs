@@ -71,7 +71,7 @@ impl Server {
         }
         let backend_tls = crate::net::tls::backend_client_config(&config.backend)?;
         let schemas = crate::config::load_schemas(&config.schemas_dir)?;
-        for (route, device_type, file) in &schemas.missing_for(&config.routes) {
+        for (route, device_type, file) in &config.routes.missing_schemas(&schemas) {
             // Devices of these types are refused on these routes (500 no-schema); say so now.
             tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
         }

@@ -8,21 +8,9 @@ use std::time::Duration;
 
 use http::Uri;
 
-/// What a route carries; later layers pick the schema by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteKind {
-    Telemetry,
-    Control,
-}
+use crate::schema::{SchemaKind, SchemaSet};
 
-impl RouteKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteKind::Telemetry => "telemetry",
-            RouteKind::Control => "control",
-        }
-    }
-}
+pub use crate::model::RouteKind;
 
 /// One backend URL of a route's pool, parsed once at config time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +164,20 @@ impl RouteTable {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.routes.iter()
+    }
+
+    /// Every (route, device type, file) a route needs but `schemas` lacks.
+    pub fn missing_schemas(&self, schemas: &SchemaSet) -> Vec<(String, String, &'static str)> {
+        let mut out = Vec::new();
+        for route in &self.routes {
+            let kind = SchemaKind::required_by(route.kind);
+            for t in &route.device_types {
+                if schemas.get(t, kind).is_none() {
+                    out.push((route.subprotocol.clone(), t.clone(), kind.file_name()));
+                }
+            }
+        }
+        out
     }
 
     /// The first subprotocol the device offers that its type may use.

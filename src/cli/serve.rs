@@ -93,7 +93,7 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         let names: Vec<&str> = kinds.iter().map(|k| k.file_name()).collect();
         println!("  schemas {:<14} {}", t, names.join(", "));
     }
-    let missing = schemas.missing_for(&config.routes);
+    let missing = config.routes.missing_schemas(&schemas);
     for (route, device_type, file) in &missing {
         println!(
             "error: route {route} allows device type {device_type} but {} is missing",
