@@ -55,7 +55,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
         let path = entry.unwrap().path();
         if path.is_dir() {
             rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && path.file_name().is_some_and(|n| n != "tests.rs")
+        {
             out.push(path);
         }
     }
@@ -65,7 +67,15 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn code(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let end = match lines.iter().position(|l| l.trim() == "#[cfg(test)]") {
+    // `#[cfg(test)] mod tests;` declares a test file (skipped whole); an inline
+    // `#[cfg(test)] mod tests { ... }` starts the tests of this file.
+    let inline_test = |i: usize| {
+        lines[i].trim() == "#[cfg(test)]"
+            && lines
+                .get(i + 1)
+                .is_some_and(|l| !l.trim_end().ends_with(';'))
+    };
+    let end = match (0..lines.len()).find(|&i| inline_test(i)) {
         Some(at) => {
             // Every top-level item after the first test module is another test module.
             for i in (at..lines.len()).filter(|&i| lines[i] == "}") {

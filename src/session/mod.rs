@@ -7,6 +7,8 @@
 pub mod handshake;
 pub mod relay;
 pub mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

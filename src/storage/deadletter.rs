@@ -198,6 +198,18 @@ pub struct DeadLetterSink {
 }
 
 impl DeadLetterSink {
+    /// A sink and the receiving end of its bounded queue (the writer task's, or a test's).
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<DeadLetter>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Self {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
+    }
+
     pub fn send(&self, letter: DeadLetter) {
         if self.tx.try_send(letter).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -215,11 +227,7 @@ pub fn writer(
     store: Arc<dyn DeadLetterStore>,
     shutdown: CancellationToken,
 ) -> (DeadLetterSink, impl std::future::Future<Output = ()>) {
-    let (tx, mut rx) = mpsc::channel::<DeadLetter>(QUEUE_CAPACITY);
-    let sink = DeadLetterSink {
-        tx,
-        dropped: Arc::new(AtomicU64::new(0)),
-    };
+    let (sink, mut rx) = DeadLetterSink::channel(QUEUE_CAPACITY);
     let task = async move {
         loop {
             let first = tokio::select! {

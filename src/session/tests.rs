@@ -1,0 +1,353 @@
+//! The relay and the session's frame steps over in-memory streams (`tokio::io::duplex`),
+//! with the session clock paused where time matters: no sockets, no TLS, no sleeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::DuplexStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::relay::{relay, ForwardAll, RelayStats};
+use super::steps::{self, Chain, SessionInfo, StepConfig, Validate};
+use crate::admission::routing::{FrameRules, Route};
+use crate::audit::{AuditLog, RecordKind, WriterConfig};
+use crate::frames::DecodeLimits;
+use crate::policy::rejections::{LogLimiter, RejectionStats};
+use crate::schema::{SchemaKind, SchemaSet};
+use crate::storage::{DeadLetter, DeadLetterSink};
+use crate::wire::{close_code, Closer, SessionEnd};
+
+type Ws = WebSocketStream<DuplexStream>;
+
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gateway's end and the peer's end of one WebSocket; `gateway_role` is the gateway's.
+async fn ws_pair(gateway_role: Role) -> (Ws, Ws) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let peer_role = match gateway_role {
+        Role::Server => Role::Client,
+        Role::Client => Role::Server,
+    };
+    (
+        WebSocketStream::from_raw_socket(a, gateway_role, None).await,
+        WebSocketStream::from_raw_socket(b, peer_role, None).await,
+    )
+}
+
+/// (gateway's device side, the device), (gateway's backend side, the backend).
+async fn session_pairs() -> ((Ws, Ws), (Ws, Ws)) {
+    (ws_pair(Role::Server).await, ws_pair(Role::Client).await)
+}
+
+async fn next(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(60), ws.next())
+        .await
+        .expect("a message within a minute of session time")
+        .expect("stream open")
+        .expect("no read error")
+}
+
+fn close_of(msg: Message) -> Option<(u16, String)> {
+    match msg {
+        Message::Close(Some(f)) => Some((f.code.into(), f.reason.to_string())),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn frames_and_close_codes_pass_through_both_ways() {
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let shutdown = CancellationToken::new();
+    let mut fwd = ForwardAll;
+    let peers = async {
+        device.send(Message::text("up")).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text("up"));
+        backend.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+        assert_eq!(next(&mut device).await, Message::binary(vec![1, 2, 3]));
+        device
+            .close(Some(CloseFrame {
+                code: CloseCode::Library(4001),
+                reason: "bye".into(),
+            }))
+            .await
+            .unwrap();
+        // The device's close code reaches the backend unchanged.
+        assert_eq!(
+            close_of(next(&mut backend).await),
+            Some((4001, "bye".into()))
+        );
+        // The backend's answer completes the close handshake on its side.
+        backend.flush().await.unwrap();
+    };
+    let ((end, stats), ()) = tokio::join!(
+        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        peers
+    );
+    assert!(matches!(end, SessionEnd::ClosedBy(Closer::Device, Some(ref c)) if c.code == 4001));
+    // The gateway answered the device's close: the device sees its close handshake end.
+    drop(gw_dev);
+    while let Some(Ok(_)) = device.next().await {}
+    assert_eq!(
+        (
+            stats.up.frames,
+            stats.up.bytes,
+            stats.down.frames,
+            stats.down.bytes
+        ),
+        (1, 2, 1, 3)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both_with_1001() {
+    let ((mut gw_dev, mut device), (mut gw_be, backend)) = session_pairs().await;
+    let shutdown = CancellationToken::new();
+    let mut fwd = ForwardAll;
+    let peers = async {
+        drop(backend);
+        assert_eq!(
+            close_of(next(&mut device).await).map(|c| c.0),
+            Some(close_code::ERROR)
+        );
+    };
+    let ((end, _), ()) = tokio::join!(
+        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        peers
+    );
+    assert_eq!(end, SessionEnd::BackendVanished);
+
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        shutdown.cancel();
+        for ws in [&mut device, &mut backend] {
+            assert_eq!(
+                close_of(next(ws).await).map(|c| c.0),
+                Some(close_code::AWAY)
+            );
+        }
+    };
+    let ((end, _), ()) = tokio::join!(
+        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        peers
+    );
+    assert_eq!(end, SessionEnd::Shutdown);
+}
+
+fn schemas() -> Arc<arc_swap::ArcSwap<SchemaSet>> {
+    let mut set = SchemaSet::default();
+    let reading = br#"{"type":"object","required":["t"],"properties":{"t":{"type":"number"}}}"#;
+    set.add("env-sensor", SchemaKind::Telemetry, "t".as_ref(), reading)
+        .unwrap();
+    let command = br#"{"type":"object","required":["id","command"]}"#;
+    set.add("door-lock", SchemaKind::Command, "c".as_ref(), command)
+        .unwrap();
+    Arc::new(arc_swap::ArcSwap::from_pointee(set))
+}
+
+fn info(subprotocol: &str, kind: &str, device_type: &str, rules: FrameRules) -> Arc<SessionInfo> {
+    let route = Route::parse(
+        subprotocol,
+        kind,
+        &[device_type.to_string()],
+        &["ws://127.0.0.1:1/".to_string()],
+        rules,
+    )
+    .unwrap();
+    Arc::new(SessionInfo {
+        device_id: "dev-1".into(),
+        device_type: device_type.into(),
+        route: Arc::new(route),
+        backend_url: "ws://127.0.0.1:1/".into(),
+        conn_id: "c-1".into(),
+    })
+}
+
+fn step_config(
+    audit: Option<AuditLog>,
+    command_timeout: Duration,
+) -> (StepConfig, tokio::sync::mpsc::Receiver<DeadLetter>) {
+    let (dead_letters, rx) = DeadLetterSink::channel(64);
+    (
+        StepConfig {
+            stats: Arc::new(RejectionStats::default()),
+            log: Arc::new(LogLimiter::new(20)),
+            dead_letters,
+            dead_letter_payload_bytes: 1024,
+            audit: audit.map(|log| (log, Arc::from(Vec::new()), 1024)),
+            command_timeout,
+            max_open_commands: 4,
+        },
+        rx,
+    )
+}
+
+fn chain(info: Arc<SessionInfo>, cfg: StepConfig) -> Chain {
+    steps::chain(
+        info,
+        Validate {
+            schemas: schemas(),
+            limits: DecodeLimits { max_depth: 16 },
+        },
+        cfg,
+    )
+}
+
+async fn relay_with(
+    chain: &mut Chain,
+    gw_dev: &mut Ws,
+    gw_be: &mut Ws,
+    peers: impl std::future::Future<Output = ()>,
+) -> (SessionEnd, RelayStats) {
+    let shutdown = CancellationToken::new();
+    let (out, ()) = tokio::join!(relay(gw_dev, gw_be, &shutdown, CLOSE_TIMEOUT, chain), peers);
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_invalid_frame_window_resets_on_the_session_clock_and_closes_with_1007() {
+    let rules = FrameRules {
+        error_replies: true,
+        invalid_frame_limit: 2,
+        invalid_frame_window: Duration::from_secs(10),
+    };
+    let (cfg, mut dead) = step_config(None, Duration::from_secs(30));
+    let mut chain = chain(info("telemetry.v1", "telemetry", "env-sensor", rules), cfg);
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        // Two invalid frames fill the window; each gets an error frame.
+        for bad in ["not json", r#"{"t":"hot"}"#] {
+            device.send(Message::text(bad)).await.unwrap();
+            let Message::Text(reply) = next(&mut device).await else {
+                panic!("an error frame");
+            };
+            let reply: Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!(reply["$gatehouse"], "error");
+        }
+        // Eleven seconds later (session time) the window has passed: two more are allowed.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        for _ in 0..2 {
+            device.send(Message::text("{")).await.unwrap();
+            assert!(matches!(next(&mut device).await, Message::Text(_)));
+        }
+        device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text(r#"{"t":1}"#));
+        // The third invalid frame within this window ends the session.
+        device.send(Message::text("[")).await.unwrap();
+        assert_eq!(
+            close_of(next(&mut device).await),
+            Some((close_code::INVALID, "too many invalid frames".into()))
+        );
+        assert_eq!(
+            close_of(next(&mut backend).await).map(|c| c.0),
+            Some(close_code::AWAY)
+        );
+    };
+    let (end, stats) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    assert_eq!(end, SessionEnd::InvalidFrameLimit);
+    assert_eq!((stats.up.frames, chain.rejected), (1, 5));
+    // Every rejected frame went to the dead-letter queue, with its reason.
+    let mut codes = Vec::new();
+    while let Ok(letter) = dead.try_recv() {
+        codes.push(letter.code);
+    }
+    assert_eq!(
+        codes,
+        [
+            "malformed",
+            "schema-violation",
+            "malformed",
+            "malformed",
+            "malformed"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn commands_time_out_on_the_session_clock_and_the_log_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
+    };
+    let (log, thread) = AuditLog::open(
+        WriterConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            checkpoint_interval: Duration::from_secs(3600),
+            retention: None,
+        },
+        key,
+    )
+    .unwrap();
+    let timeout = Duration::from_secs(30);
+    let (cfg, _dead) = step_config(Some(log.clone()), timeout);
+    let mut chain = chain(
+        info(
+            "control.v1",
+            "control",
+            "door-lock",
+            FrameRules {
+                error_replies: true,
+                invalid_frame_limit: 20,
+                invalid_frame_window: Duration::from_secs(10),
+            },
+        ),
+        cfg,
+    );
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        backend
+            .send(Message::text(r#"{"id":1,"command":"unlock"}"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut device).await,
+            Message::text(r#"{"id":1,"command":"unlock"}"#)
+        );
+        let sent = tokio::time::Instant::now();
+        // Command 2 is answered at once; command 1 never is.
+        backend
+            .send(Message::text(r#"{"id":2,"command":"lock"}"#))
+            .await
+            .unwrap();
+        assert!(matches!(next(&mut device).await, Message::Text(_)));
+        device
+            .send(Message::text(r#"{"id":2,"status":"ok"}"#))
+            .await
+            .unwrap();
+        assert!(matches!(next(&mut backend).await, Message::Text(_)));
+        // Every durable write is done: from here on the session clock is paused, and the
+        // sleep past the timeout takes no wall-clock time.
+        tokio::time::pause();
+        tokio::time::sleep_until(sent + timeout + Duration::from_secs(1)).await;
+        device.close(None).await.unwrap();
+    };
+    let (end, _) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    chain.finish(&end);
+    drop(chain);
+    assert!(log.close().await);
+    thread.join().unwrap();
+    let records = &crate::audit::read(dir.path()).unwrap().records["dev-1"];
+    let kinds: Vec<(RecordKind, Option<Value>)> = records
+        .iter()
+        .map(|r| (r.kind, r.command_id.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (RecordKind::Connected, None),
+            (RecordKind::CommandSent, Some(json!(1))),
+            (RecordKind::CommandSent, Some(json!(2))),
+            (RecordKind::Responded, Some(json!(2))),
+            (RecordKind::TimedOut, Some(json!(1))),
+            (RecordKind::Disconnected, None),
+        ]
+    );
+}
