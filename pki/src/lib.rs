@@ -63,6 +63,8 @@ pub enum PkiError {
     UnknownDevice(String),
     #[error("device {0:?} has no certificate that is not already revoked")]
     AlreadyRevoked(String),
+    #[error("invalid CA name {0:?}: use 1-64 characters")]
+    InvalidCaName(String),
     #[error("fleet count must be at least 1")]
     EmptyFleet,
     #[error("server certificate needs at least one --dns name or --ip address")]
@@ -200,6 +202,16 @@ impl std::fmt::Debug for CertificateAuthority {
             .field("key", &"<redacted>")
             .finish()
     }
+}
+
+/// Longest CA common name: 64 characters (RFC 5280's upper bound for a CN).
+pub const MAX_CA_NAME_LEN: usize = 64;
+
+/// A CA name no other Gatehouse CA has: `Gatehouse Device CA` and 8 random hex digits.
+pub fn default_ca_name() -> String {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).unwrap_or_else(|e| panic!("the OS random generator failed: {e}"));
+    format!("Gatehouse Device CA {}", hex::encode(bytes))
 }
 
 fn random_serial() -> SerialNumber {
@@ -546,17 +558,31 @@ impl PkiDir {
     pub const AUDIT_KEY: &'static str = "audit.key";
     pub const AUDIT_PUB: &'static str = "audit.pub";
 
-    /// Creates a new CA in `dir` (and an empty CRL). Refuses to replace one unless `force`.
+    /// Creates a new CA in `dir` (and an empty CRL) with a name of its own. Refuses to
+    /// replace one unless `force`.
     pub fn init(dir: &Path, force: bool) -> Result<Self> {
+        Self::init_named(dir, None, force)
+    }
+
+    /// Like [`PkiDir::init`], with the CA's common name `name`, or when `None`
+    /// [`default_ca_name`]. Each CA needs a distinct name: a certificate from another CA of
+    /// the same name looks, to a TLS verifier, like a forged signature (`decrypt_error`)
+    /// rather than an unknown issuer (`unknown_ca`).
+    pub fn init_named(dir: &Path, name: Option<&str>, force: bool) -> Result<Self> {
+        let name = match name {
+            Some(n) if n.trim().is_empty() || n.len() > MAX_CA_NAME_LEN => {
+                return Err(PkiError::InvalidCaName(n.to_string()))
+            }
+            Some(n) => n.to_string(),
+            None => default_ca_name(),
+        };
         let cert_path = dir.join(Self::CA_CERT);
         if !force && (cert_path.exists() || dir.join(Self::CA_KEY).exists()) {
             return Err(PkiError::CaExists(dir.to_path_buf()));
         }
         fs::create_dir_all(dir.join(Self::DEVICES)).map_err(io_err(dir))?;
-        let ca = CertificateAuthority::generate(
-            "Gatehouse Device CA",
-            Duration::days(DEFAULT_CA_VALIDITY_DAYS.into()),
-        )?;
+        let ca =
+            CertificateAuthority::generate(&name, Duration::days(DEFAULT_CA_VALIDITY_DAYS.into()))?;
         write_atomic(&dir.join(Self::CA_KEY), ca.key_pem().as_bytes(), true)?;
         write_atomic(&cert_path, ca.cert_pem().as_bytes(), false)?;
         let mut pki = Self {
@@ -858,6 +884,33 @@ impl PkiDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ca_gets_a_name_of_its_own() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let subject = |pki: &PkiDir| {
+            use x509_parser::prelude::FromDer;
+            let (_, cert) =
+                x509_parser::certificate::X509Certificate::from_der(pki.ca().cert_der()).unwrap();
+            cert.subject().to_string()
+        };
+        let first = subject(&PkiDir::init(a.path(), false).unwrap());
+        let second = subject(&PkiDir::init(b.path(), false).unwrap());
+        assert_ne!(first, second);
+        assert!(first.contains("Gatehouse Device CA "), "{first}");
+        let named = PkiDir::init_named(c.path(), Some("Acme Locks CA"), false).unwrap();
+        assert!(subject(&named).contains("CN=Acme Locks CA"));
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            PkiDir::init_named(d.path(), Some(" "), false),
+            Err(PkiError::InvalidCaName(_))
+        ));
+        assert!(!d.path().join(PkiDir::CA_CERT).exists());
+    }
 
     #[test]
     fn device_ids_are_checked() {

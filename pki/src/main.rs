@@ -25,6 +25,10 @@ enum Command {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// The CA's common name; default: "Gatehouse Device CA" and 8 random hex digits, so
+        /// that no two CAs share a name.
+        #[arg(long)]
+        name: Option<String>,
         /// Replace an existing CA (every certificate it issued stops being trusted).
         #[arg(long)]
         force: bool,
@@ -104,8 +108,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { dir, force } => {
-            let pki = PkiDir::init(&dir, force)?;
+        Command::Init { dir, name, force } => {
+            let pki = PkiDir::init_named(&dir, name.as_deref(), force)?;
             println!("CA written to {}", pki.ca_cert_path().display());
         }
         Command::Server { dir, dns, ip } => {

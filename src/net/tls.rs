@@ -250,3 +250,72 @@ pub fn backend_client_config(cfg: &BackendConfig) -> Result<Option<Arc<ClientCon
     };
     Ok(Some(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_pki::{DeviceCertOptions, PkiDir};
+
+    /// A device certificate from another `gatehouse-pki init` CA is refused as `unknown_ca`:
+    /// every CA gets a name of its own, so the verifier finds no issuer instead of a
+    /// signature that fails (`decrypt_error`).
+    #[tokio::test]
+    async fn a_certificate_from_another_gatehouse_ca_gets_unknown_ca() {
+        let (ours_dir, theirs_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ours = PkiDir::init(ours_dir.path(), false).unwrap();
+        let theirs = PkiDir::init(theirs_dir.path(), false).unwrap();
+        assert_ne!(
+            x509_subject(ours.ca().cert_der()),
+            x509_subject(theirs.ca().cert_der())
+        );
+        ours.issue_server(&["localhost".into()], &[]).unwrap();
+        let cfg = TlsConfig {
+            cert: ours_dir.path().join(PkiDir::SERVER_CERT),
+            key: ours_dir.path().join(PkiDir::SERVER_KEY),
+            client_ca: ours_dir.path().join(PkiDir::CA_CERT),
+            crls: vec![ours_dir.path().join(PkiDir::CRL)],
+            min_version: MinTlsVersion::Tls13,
+            stale_crl: StaleCrlPolicy::Refuse,
+            crl_refresh: std::time::Duration::from_secs(60),
+            session_resumption: false,
+        };
+        let state = TlsState::load(&cfg).unwrap();
+        let foreign = theirs
+            .ca()
+            .issue_device("foreign", &DeviceCertOptions::default())
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ours.ca().cert_der().to_vec()))
+            .unwrap();
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from(foreign.cert_der.clone())],
+                PrivateKeyDer::from_pem_slice(foreign.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio_rustls::TlsAcceptor::from(state.current().server.clone());
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (served, connected) = tokio::join!(server.accept(a), async {
+            let mut tls = connector.connect(name, b).await?;
+            // TLS 1.3: the client learns of the refusal on its first read.
+            use tokio::io::AsyncReadExt;
+            let mut byte = [0u8; 1];
+            tls.read(&mut byte).await
+        });
+        assert!(served.is_err());
+        let err = connected.unwrap_err().to_string();
+        assert!(err.contains("UnknownCA"), "{err}");
+    }
+
+    fn x509_subject(der: &[u8]) -> Vec<u8> {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+        cert.subject().as_raw().to_vec()
+    }
+}
