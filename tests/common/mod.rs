@@ -224,6 +224,22 @@ impl Backend {
     }
 }
 
+/// A backend that accepts TCP connections and never answers: each accepted socket arrives
+/// on the channel (and is held open), so a test knows the gateway is waiting on it.
+pub async fn black_hole() -> (SocketAddr, mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if tx.send(tcp).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
 /// An address where nothing listens (bound, then released).
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -248,6 +264,8 @@ pub struct Options {
     pub stale_crl: &'static str,
     pub session_resumption: bool,
     pub handshake_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+    pub backend_connect_timeout_ms: u64,
     pub max_message_bytes: usize,
     /// More keys for the [backend] section.
     pub extra: String,
@@ -265,6 +283,8 @@ impl Options {
             stale_crl: "refuse",
             session_resumption: true,
             handshake_timeout_ms: 5000,
+            shutdown_grace_ms: 5000,
+            backend_connect_timeout_ms: 2000,
             max_message_bytes: 65536,
             extra: String::new(),
             schemas_dir: None,
@@ -344,7 +364,7 @@ pub fn prepare(options: &Options) -> Prepared {
 listen = "127.0.0.1:0"
 handshake_timeout_ms = {hs}
 close_timeout_ms = 2000
-shutdown_grace_ms = 5000
+shutdown_grace_ms = {grace}
 
 [tls]
 cert = "server.pem"
@@ -370,11 +390,13 @@ max_frame_bytes = {max_msg}
 dir = {schemas:?}
 
 [backend]
-connect_timeout_ms = 2000
+connect_timeout_ms = {connect}
 {extra}
 {routes}
 {tail}"#,
         hs = options.handshake_timeout_ms,
+        grace = options.shutdown_grace_ms,
+        connect = options.backend_connect_timeout_ms,
         stale = options.stale_crl,
         resume = options.session_resumption,
         max_msg = options.max_message_bytes,

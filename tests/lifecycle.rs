@@ -1,0 +1,110 @@
+//! Handshake deadlines and shutdown, over real TLS WebSockets: the backend connection has its
+//! own deadline, a connection waiting on its backend at shutdown gets a whole 503, and what a
+//! session records at shutdown is on disk and signed when `serve` returns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use futures_util::SinkExt;
+use gatehouse::audit::RecordKind;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Two black-holed backends at 300 ms each take longer than the device's 500 ms handshake
+/// timeout: the device still gets the documented 502, not a silent drop.
+#[tokio::test]
+async fn the_backend_connection_has_its_own_deadline() {
+    let (hole1, _held1) = black_hole().await;
+    let (hole2, _held2) = black_hole().await;
+    let mut options = Options::new(vec![telemetry_route(vec![
+        format!("ws://{hole1}/"),
+        format!("ws://{hole2}/"),
+    ])]);
+    options.handshake_timeout_ms = 500;
+    options.backend_connect_timeout_ms = 300;
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("s1", "env-sensor");
+    match gw.connect(Some(&sensor), &["telemetry.v1"]).await {
+        Err(ConnectError::Http {
+            status, refusal, ..
+        }) => {
+            assert_eq!(status, 502);
+            assert_eq!(refusal.as_deref(), Some("backend-unavailable"));
+        }
+        other => panic!("expected 502, got {other:?}"),
+    }
+    gw.stop().await;
+}
+
+/// Shutdown while the gateway waits on the device's backend: the device gets a complete
+/// 503 `shutting-down`, not a connection dropped in the middle of the answer.
+#[tokio::test]
+async fn a_connection_waiting_on_its_backend_at_shutdown_gets_a_whole_503() {
+    let (hole, mut held) = black_hole().await;
+    let mut options = Options::new(vec![telemetry_route(vec![format!("ws://{hole}/")])]);
+    options.backend_connect_timeout_ms = 10_000;
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("s1", "env-sensor");
+    let config = gw.client_config(Some(&sensor));
+    let addr = gw.addr;
+    let device = tokio::spawn(async move { connect(addr, config, &["telemetry.v1"], &[]).await });
+    // The gateway has connected to the black hole: it is waiting on the backend now.
+    let _backend_socket = within(held.recv()).await.unwrap();
+    gw.shutdown.cancel();
+    match within(device).await.unwrap() {
+        Err(ConnectError::Http {
+            status, refusal, ..
+        }) => {
+            assert_eq!(status, 503);
+            assert_eq!(refusal.as_deref(), Some("shutting-down"));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    within(gw.task).await.unwrap();
+}
+
+/// A session still closing when the grace period ends is stopped before the final sync:
+/// its last records (the unanswered command, the disconnection) are on disk and covered by
+/// a signed checkpoint by the time `serve` returns.
+#[tokio::test]
+async fn records_of_sessions_cut_off_at_shutdown_are_synced_and_signed() {
+    let mut control = Backend::start().await;
+    let mut options = Options::new(vec![control_route(vec![control.url("/")])]);
+    options.audit = Some(String::new());
+    options.shutdown_grace_ms = 200;
+    let gw = Gateway::start(options).await;
+    let lock = gw.enroll("lock-1", "door-lock");
+    let (mut dev, _) = gw.connect(Some(&lock), &["control.v1"]).await.unwrap();
+    let mut be = control.next().await;
+    be.ws
+        .send(Message::text(r#"{"id":1,"command":"unlock"}"#))
+        .await
+        .unwrap();
+    assert!(matches!(next_msg(&mut dev).await, Message::Text(_)));
+    // Neither side answers the gateway's close from here on: the session outlives the grace
+    // period (close timeout 2 s > grace 200 ms).
+    let dir = gw.dir.path().join("audit");
+    let public = gatehouse::audit::load_public_key(&gw.dir.path().join("audit.pub")).unwrap();
+    gw.shutdown.cancel();
+    within(gw.task).await.unwrap();
+
+    let contents = gatehouse::audit::read(&dir).unwrap();
+    let kinds: Vec<RecordKind> = contents.records["lock-1"].iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            RecordKind::Connected,
+            RecordKind::CommandSent,
+            RecordKind::Unanswered,
+            RecordKind::Disconnected
+        ]
+    );
+    let verdict = gatehouse::audit::verify_dir(&dir, &public, Some("lock-1")).unwrap();
+    assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
+    assert_eq!(
+        verdict.verified[0].unsigned_tail, 0,
+        "{:?}",
+        verdict.verified
+    );
+    drop((dev, be));
+}
