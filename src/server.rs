@@ -175,12 +175,6 @@ impl Server {
         }
         let shared = self.shared.clone();
         let shutdown = shared.shutdown.clone();
-        tracing::info!(
-            listen = ?listener.local_addr().ok(),
-            devices = shared.registry.len(),
-            routes = shared.config.routes.iter().count(),
-            "gateway listening"
-        );
 
         if let (Some(admin), Some(admin_cfg)) = (admin, shared.config.admin.clone()) {
             let state = crate::admin::AdminState {
@@ -202,10 +196,25 @@ impl Server {
         }
 
         self.tracker.spawn(crl_refresher(shared.clone()));
+        // Installed before the gateway says it listens, so a SIGHUP after that line reloads.
         #[cfg(unix)]
-        self.tracker.spawn(reload_on_sighup(shared.clone()));
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hup) => {
+                self.tracker.spawn(reload_on_sighup(shared.clone(), hup));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the admin API")
+            }
+        }
 
         let workers = SessionWorkers::start(shared.config.workers).map_err(ServerError::Workers)?;
+        tracing::info!(
+            listen = ?listener.local_addr().ok(),
+            devices = shared.registry.len(),
+            routes = shared.config.routes.iter().count(),
+            "gateway listening"
+        );
+
         let permits = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         loop {
             // Both waits are cancel-safe: a permit or connection not yet obtained is not lost.
@@ -319,15 +328,7 @@ async fn crl_refresher(shared: Arc<Shared>) {
 
 /// Reloads TLS material (certificates, CA bundle, CRLs) and the schemas on SIGHUP.
 #[cfg(unix)]
-async fn reload_on_sighup(shared: Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
-            return;
-        }
-    };
+async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Signal) {
     loop {
         tokio::select! {
             // Cancel-safe: `recv` loses no signal when dropped.

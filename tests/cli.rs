@@ -194,3 +194,158 @@ fn serve_exits_zero_on_sigterm() {
         "{rest:?}"
     );
 }
+
+/// Reads `lines` until one contains `needle`; every line read, for the failure message.
+fn read_until(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    needle: &str,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let found = line.contains(needle);
+        seen.push(line);
+        if found {
+            return seen;
+        }
+    }
+    panic!("the gateway ended without logging {needle:?}: {seen:?}");
+}
+
+/// SIGHUP reloads the schemas as well as the TLS material: a broken schema file keeps the
+/// previous set and says so, a fixed one with a new device type is taken in. Logs written to
+/// a pipe carry no colour codes.
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_schemas_and_logs_to_a_pipe_have_no_colour() {
+    let (tmp, config) = setup();
+    let schemas = tmp.path().join("schemas");
+    std::fs::create_dir_all(schemas.join("env-sensor")).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    std::fs::copy(
+        shipped.join("env-sensor/telemetry.schema.json"),
+        schemas.join("env-sensor/telemetry.schema.json"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("dir = {shipped:?}"), &format!("dir = {schemas:?}"));
+    assert!(text.contains(schemas.to_str().unwrap()));
+    std::fs::write(&config, text).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["serve", "--config", &config])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A bound on the whole test, so a missing log line fails it instead of hanging it.
+    let pid = child.id().to_string();
+    let watchdog_pid = pid.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = Command::new("kill").args(["-KILL", &watchdog_pid]).status();
+    });
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = read_until(&mut lines, "gateway listening");
+
+    std::fs::write(schemas.join("env-sensor/telemetry.schema.json"), "{").unwrap();
+    hup();
+    log.extend(read_until(&mut lines, "SIGHUP: schema reload failed"));
+
+    std::fs::copy(
+        shipped.join("env-sensor/telemetry.schema.json"),
+        schemas.join("env-sensor/telemetry.schema.json"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(schemas.join("thermostat")).unwrap();
+    std::fs::write(schemas.join("thermostat/telemetry.schema.json"), "{}").unwrap();
+    hup();
+    let reloaded = read_until(&mut lines, "SIGHUP: schemas reloaded");
+    assert!(
+        reloaded.last().unwrap().contains("device_types=2"),
+        "{reloaded:?}"
+    );
+    log.extend(reloaded);
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    log.extend(lines.map_while(Result::ok));
+    assert!(child.wait().unwrap().success(), "{log:?}");
+    assert!(log
+        .iter()
+        .any(|l| l.contains("SIGHUP: TLS material reloaded")));
+    assert!(!log.iter().any(|l| l.contains('\u{1b}')), "{log:?}");
+}
+
+/// `--config` is one global option, before or after the subcommand, or GATEHOUSE_CONFIG;
+/// times print as RFC 3339.
+#[test]
+fn config_is_global_and_times_are_rfc3339() {
+    let (tmp, config) = setup();
+    let manifest = tmp.path().join("pki/fleet-s.json");
+    for args in [
+        vec!["--config", &config, "check"],
+        vec!["check", "--config", &config],
+    ] {
+        let out = gatehouse(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = gatehouse(&[
+        "--config",
+        &config,
+        "devices",
+        "enroll",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["devices", "list"])
+        .env("GATEHOUSE_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = stdout.lines().find(|l| l.starts_with("s-00001")).unwrap();
+    let updated = row.split_whitespace().last().unwrap();
+    time::OffsetDateTime::parse(updated, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{updated:?} is not RFC 3339: {e}"));
+    let out = gatehouse(&["devices", "show", "s-00001", "--config", &config]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let created = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("created"))
+        .unwrap()
+        .trim();
+    assert!(
+        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+            .is_ok(),
+        "{created:?}"
+    );
+    let out = gatehouse(&["devices", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GATEHOUSE_CONFIG"));
+}
