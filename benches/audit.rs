@@ -7,12 +7,12 @@
 use std::time::{Duration, Instant};
 
 use gatehouse::audit::{AuditLog, WriterConfig};
-use gatehouse::audit::{Event, RecordKind};
+use gatehouse::audit::{Record, RecordKind};
 
-fn event(device: String, n: u64) -> Event {
-    Event {
+fn event(device: String, n: u64) -> Record {
+    Record {
         device,
-        kind: Some(RecordKind::CommandSent),
+        kind: RecordKind::CommandSent,
         route: Some("control.v1".into()),
         command_id: Some(serde_json::json!(n)),
         payload: Some(format!(r#"{{"command":"unlock","id":{n}}}"#)),

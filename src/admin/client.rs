@@ -74,40 +74,47 @@ impl AdminClient {
         format!("Bearer {}", self.token.expose())
     }
 
-    pub fn health(&self) -> Result<Health, ClientError> {
+    /// `GET path` and the JSON answer.
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self
             .agent
-            .get(format!("{}/v1/health", self.base))
+            .get(format!("{}{path}", self.base))
             .header("Authorization", self.auth())
             .call();
         self.finish(r)
+    }
+
+    /// `POST path` with `body` as JSON (or nothing) and the JSON answer.
+    fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        let request = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", self.auth());
+        let r = match body {
+            Some(b) => request.send_json(b),
+            None => request.send_empty(),
+        };
+        self.finish(r)
+    }
+
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.get("/v1/health")
     }
 
     pub fn list(&self) -> Result<Vec<Device>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
+        self.get("/v1/devices")
     }
 
     pub fn show(&self, id: &str) -> Result<Device, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices/{id}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
+        self.get(&format!("/v1/devices/{id}"))
     }
 
     pub fn enroll(&self, devices: Vec<Enrollment>) -> Result<Vec<Device>, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/devices", self.base))
-            .header("Authorization", self.auth())
-            .send_json(&EnrollRequest { devices });
-        self.finish(r)
+        self.post("/v1/devices", Some(&EnrollRequest { devices }))
     }
 
     pub fn set_status(&self, id: &str, status: DeviceStatus) -> Result<Device, ClientError> {
@@ -116,69 +123,33 @@ impl AdminClient {
             DeviceStatus::Suspended => "suspend",
             DeviceStatus::Revoked => "revoke",
         };
-        let r = self
-            .agent
-            .post(format!("{}/v1/devices/{id}/{verb}", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
+        self.post(&format!("/v1/devices/{id}/{verb}"), None::<&()>)
     }
 
     pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices/{id}/deadletters", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
+        self.get(&format!("/v1/devices/{id}/deadletters"))
     }
 
     pub fn rejections(&self) -> Result<Vec<RejectionCount>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/stats/rejections", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
+        self.get("/v1/stats/rejections")
     }
 
     pub fn audit_verify(&self, device: Option<&str>) -> Result<Vec<AuditVerdict>, ClientError> {
-        let mut url = format!("{}/v1/audit/verify", self.base);
-        if let Some(d) = device {
-            url.push_str(&format!("?device={d}"));
+        match device {
+            Some(d) => self.get(&format!("/v1/audit/verify?device={d}")),
+            None => self.get("/v1/audit/verify"),
         }
-        let r = self
-            .agent
-            .get(url)
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
     }
 
     pub fn audit_show(&self, device: &str) -> Result<Vec<crate::audit::Record>, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/v1/audit/{device}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
+        self.get(&format!("/v1/audit/{device}"))
     }
 
     pub fn reload_schemas(&self) -> Result<Health, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/schemas/reload", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
+        self.post("/v1/schemas/reload", None::<&()>)
     }
 
     pub fn reload_tls(&self) -> Result<Health, ClientError> {
-        let r = self
-            .agent
-            .post(format!("{}/v1/tls/reload", self.base))
-            .header("Authorization", self.auth())
-            .send_empty();
-        self.finish(r)
+        self.post("/v1/tls/reload", None::<&()>)
     }
 }

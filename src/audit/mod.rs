@@ -14,7 +14,7 @@ pub use reader::{
     DirVerdict, Export, EXPORT_FORMAT,
 };
 pub use record::{
-    redact, stored_payload, verify_device, Anchor, Checkpoint, Event, Failure, Record, RecordKind,
+    redact, stored_payload, verify_device, Anchor, Checkpoint, Failure, Record, RecordKind,
     Verified, GENESIS, REDACTED,
 };
 pub use writer::{AuditLog, WriterConfig};

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::record::{Checkpoint, Record};
+use super::record::{Anchor, Checkpoint, Failure, Record};
 use super::AuditError;
 
 pub(super) const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
@@ -128,6 +128,32 @@ pub fn read(dir: &Path) -> Result<Contents, AuditError> {
     Ok(contents)
 }
 
+/// Where `device`'s chain starts: after the newest of its retention anchors (all of which
+/// must verify with `public_key`), or at its first record when it has none.
+fn chain_start(
+    anchors: &[Checkpoint],
+    device: &str,
+    public_key: &[u8; 32],
+) -> Result<Option<Anchor>, Failure> {
+    let mut start: Option<Anchor> = None;
+    for a in anchors.iter().filter(|a| a.device == device) {
+        if !a.verify_anchor(public_key) {
+            return Err(Failure {
+                device: device.to_string(),
+                seq: a.seq,
+                reason: "retention anchor signature does not verify with this key".into(),
+            });
+        }
+        if start.as_ref().is_none_or(|x| a.seq > x.seq) {
+            start = Some(Anchor {
+                seq: a.seq,
+                hash: a.hash.clone(),
+            });
+        }
+    }
+    Ok(start)
+}
+
 /// The result of verifying a whole directory (or one device in it).
 #[derive(Debug)]
 pub struct DirVerdict {
@@ -166,29 +192,13 @@ pub fn verify_dir(
             continue;
         }
         let records = contents.records.get(d).unwrap_or(&empty);
-        let mut anchor = None;
-        let mut bad_anchor = None;
-        for a in contents.anchors.iter().filter(|a| &a.device == d) {
-            if !a.verify_anchor(public_key) {
-                bad_anchor = Some(a.seq);
-            } else if anchor
-                .as_ref()
-                .is_none_or(|x: &super::record::Anchor| a.seq > x.seq)
-            {
-                anchor = Some(super::record::Anchor {
-                    seq: a.seq,
-                    hash: a.hash.clone(),
-                });
+        let anchor = match chain_start(&contents.anchors, d, public_key) {
+            Ok(a) => a,
+            Err(f) => {
+                out.failures.push(f);
+                continue;
             }
-        }
-        if let Some(seq) = bad_anchor {
-            out.failures.push(super::record::Failure {
-                device: d.clone(),
-                seq,
-                reason: "retention anchor signature does not verify with this key".into(),
-            });
-            continue;
-        }
+        };
         match super::record::verify_device(
             d,
             records,
@@ -249,22 +259,7 @@ pub fn verify_export(
             reason: format!("not a {EXPORT_FORMAT} file"),
         });
     }
-    let mut anchor: Option<super::record::Anchor> = None;
-    for a in export.anchors.iter().filter(|a| a.device == export.device) {
-        if !a.verify_anchor(public_key) {
-            return Err(super::record::Failure {
-                device: export.device.clone(),
-                seq: a.seq,
-                reason: "retention anchor signature does not verify with this key".into(),
-            });
-        }
-        if anchor.as_ref().is_none_or(|x| a.seq > x.seq) {
-            anchor = Some(super::record::Anchor {
-                seq: a.seq,
-                hash: a.hash.clone(),
-            });
-        }
-    }
+    let anchor = chain_start(&export.anchors, &export.device, public_key)?;
     super::record::verify_device(
         &export.device,
         &export.records,

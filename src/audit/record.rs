@@ -17,10 +17,11 @@ const CHECKPOINT_CONTEXT: &str = "gatehouse-audit-checkpoint:v1";
 const ANCHOR_CONTEXT: &str = "gatehouse-audit-anchor:v1";
 
 /// What a record says happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
     /// The device's session was established.
+    #[default]
     Connected,
     /// The session ended (`detail`: close code, reason, who closed).
     Disconnected,
@@ -56,25 +57,10 @@ impl RecordKind {
     }
 }
 
-/// What a caller asks to record; the writer adds sequence, time and chain fields.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Event {
-    pub device: String,
-    pub kind: Option<RecordKind>,
-    pub route: Option<String>,
-    pub backend: Option<String>,
-    pub connection: Option<String>,
-    pub command_id: Option<Value>,
-    pub verdict: Option<String>,
-    pub rtt_us: Option<u64>,
-    pub detail: Option<String>,
-    pub payload_sha256: Option<String>,
-    pub payload: Option<String>,
-    pub payload_truncated: bool,
-}
-
-/// One record of a device's chain, as stored (one JSON line).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One record of a device's chain, as stored (one JSON line). Callers fill in what happened
+/// (`Record { device, kind, .., ..Default::default() }`); the writer seals it: sequence
+/// number, time and chain fields ([`Record::seal`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
     pub device: String,
@@ -111,28 +97,14 @@ pub struct Record {
 }
 
 impl Record {
-    /// Builds the record that follows `prev` in a device's chain and seals it.
-    pub fn seal(event: Event, seq: u64, time_ms: i64, prev: &str) -> Record {
-        let mut r = Record {
-            device: event.device,
-            seq,
-            time_ms,
-            kind: event.kind.unwrap_or(RecordKind::Connected),
-            route: event.route,
-            backend: event.backend,
-            connection: event.connection,
-            command_id: event.command_id,
-            verdict: event.verdict,
-            rtt_us: event.rtt_us,
-            detail: event.detail,
-            payload_sha256: event.payload_sha256,
-            payload: event.payload,
-            payload_truncated: event.payload_truncated,
-            prev: prev.to_string(),
-            hash: String::new(),
-        };
-        r.hash = r.compute_hash();
-        r
+    /// Makes this record the one that follows `prev` in its device's chain: sets the
+    /// sequence number, time and `prev`, and computes the hash.
+    pub fn seal(mut self, seq: u64, time_ms: i64, prev: &str) -> Record {
+        self.seq = seq;
+        self.time_ms = time_ms;
+        self.prev = prev.to_string();
+        self.hash = self.compute_hash();
+        self
     }
 
     /// Whether the record is about the command whose id is written `want` (`7` matches the
@@ -422,14 +394,14 @@ mod tests {
                 .last()
                 .map(|r| r.hash.clone())
                 .unwrap_or_else(|| GENESIS.into());
-            let event = Event {
+            let event = Record {
                 device: "d1".into(),
-                kind: Some(RecordKind::CommandSent),
+                kind: RecordKind::CommandSent,
                 command_id: Some(json!(seq)),
                 payload: Some(format!("{{\"id\":{seq}}}")),
                 ..Default::default()
             };
-            out.push(Record::seal(event, seq, 1000 + seq as i64, &prev));
+            out.push(event.seal(seq, 1000 + seq as i64, &prev));
         }
         out
     }
@@ -468,15 +440,11 @@ mod tests {
         assert_eq!(check(&deleted).seq, 3);
 
         let mut inserted = records.clone();
-        let extra = Record::seal(
-            Event {
-                device: "d1".into(),
-                ..Default::default()
-            },
-            3,
-            0,
-            &records[2].hash,
-        );
+        let extra = Record {
+            device: "d1".into(),
+            ..Default::default()
+        }
+        .seal(3, 0, &records[2].hash);
         inserted.insert(3, extra);
         assert_eq!(check(&inserted).seq, 4);
 

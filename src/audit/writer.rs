@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::reader::{io, read_lines, segment_name, segments, ANCHORS_FILE, CHECKPOINTS_FILE};
-use super::record::{Checkpoint, Event, Record, GENESIS};
+use super::record::{Checkpoint, Record, GENESIS};
 use super::AuditError;
 
 /// Records queued for the writer before callers are told the log is busy: 64 Ki.
@@ -50,7 +50,7 @@ type Reply = oneshot::Sender<Result<Record, AuditError>>;
 #[allow(clippy::large_enum_variant)]
 enum Request {
     Append {
-        event: Event,
+        event: Record,
         reply: Option<Reply>,
     },
     /// Sync everything and sign checkpoints now.
@@ -168,7 +168,7 @@ impl AuditLog {
     }
 
     /// Queues a record; it is on disk within [`LAZY_SYNC_INTERVAL`] unless writes fail.
-    pub fn record(&self, event: Event) {
+    pub fn record(&self, event: Record) {
         match self.tx.try_send(Request::Append { event, reply: None }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -179,7 +179,7 @@ impl AuditLog {
     }
 
     /// Writes a record and waits until it is synced to disk.
-    pub async fn record_durable(&self, event: Event) -> Result<Record, AuditError> {
+    pub async fn record_durable(&self, event: Record) -> Result<Record, AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Request::Append {
@@ -244,7 +244,7 @@ struct Writer {
     dirty: HashSet<String>,
     checkpointed: HashMap<String, u64>,
     /// Records that could not be written yet (nobody waits for them).
-    retry: VecDeque<Event>,
+    retry: VecDeque<Record>,
     unsynced: bool,
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
@@ -346,7 +346,7 @@ impl Writer {
 
     fn write_batch(&mut self, batch: Vec<Request>, must_sync: bool) {
         // Records waiting for a retry go first, in their original order.
-        let mut items: Vec<(Event, Option<Reply>)> =
+        let mut items: Vec<(Record, Option<Reply>)> =
             self.retry.drain(..).map(|e| (e, None)).collect();
         items.extend(batch.into_iter().filter_map(|r| match r {
             Request::Append { event, reply } => Some((event, reply)),
@@ -366,7 +366,7 @@ impl Writer {
                     .cloned()
                     .unwrap_or((0, GENESIS.to_string()))
             });
-            let record = Record::seal(event.clone(), head.0, now_ms as i64, &head.1);
+            let record = event.clone().seal(head.0, now_ms as i64, &head.1);
             *head = (record.seq + 1, record.hash.clone());
             // A record is plain data; serialising it cannot fail.
             let _ = serde_json::to_writer(&mut buf, &record);
@@ -606,10 +606,10 @@ mod tests {
         }
     }
 
-    fn event(device: &str, n: u64) -> Event {
-        Event {
+    fn event(device: &str, n: u64) -> Record {
+        Record {
             device: device.into(),
-            kind: Some(RecordKind::CommandSent),
+            kind: RecordKind::CommandSent,
             command_id: Some(serde_json::json!(n)),
             ..Default::default()
         }

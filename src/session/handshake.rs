@@ -21,7 +21,7 @@ use crate::admission::identity::{IdentityError, PeerCertificate};
 use crate::admission::routing::Route;
 use crate::admission::upgrade::{self, Parsed, UpgradeRequest};
 use crate::admission::{admit, Admission};
-use crate::audit::{Event, RecordKind};
+use crate::audit::{Record, RecordKind};
 use crate::model::Device;
 use crate::net::backend::{BackendSocket, DeviceIdentity};
 use crate::wire::Refusal;
@@ -166,9 +166,9 @@ pub async fn handshake(
                 "refused before the upgrade"
             );
             if let (Some(audit), Some(id)) = (&shared.audit, &device_id) {
-                audit.record(Event {
+                audit.record(Record {
                     device: id.clone(),
-                    kind: Some(RecordKind::Refused),
+                    kind: RecordKind::Refused,
                     connection: Some(conn_id.to_string()),
                     detail: Some(format!("HTTP {} {}", refusal.status(), refusal.code())),
                     ..Default::default()

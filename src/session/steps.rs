@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::relay::{Hold, Inspector, Verdict};
 use crate::admission::routing::{Route, RouteKind};
-use crate::audit::{stored_payload, AuditLog, Event, RecordKind};
+use crate::audit::{stored_payload, AuditLog, Record, RecordKind};
 use crate::frames::{self, DecodeLimits, Encoding, Frame, RejectCode, Rejection};
 use crate::model::sha256_hex;
 use crate::policy::commands::OpenCommands;
@@ -180,10 +180,10 @@ pub struct AuditContext {
 }
 
 impl AuditContext {
-    fn event(&self, kind: RecordKind) -> Event {
-        Event {
+    fn event(&self, kind: RecordKind) -> Record {
+        Record {
             device: self.info.device_id.clone(),
-            kind: Some(kind),
+            kind,
             route: Some(self.info.route.subprotocol.clone()),
             backend: Some(self.info.backend_url.clone()),
             connection: Some(self.info.conn_id.clone()),
@@ -191,7 +191,7 @@ impl AuditContext {
         }
     }
 
-    fn with_payload(&self, mut event: Event, frame: &[u8], value: Option<&Value>) -> Event {
+    fn with_payload(&self, mut event: Record, frame: &[u8], value: Option<&Value>) -> Record {
         match value {
             Some(v) => {
                 let (text, truncated, sha) =
@@ -277,7 +277,7 @@ impl Commands {
         }
     }
 
-    fn record(&self, event: impl FnOnce(&AuditContext) -> Event) {
+    fn record(&self, event: impl FnOnce(&AuditContext) -> Record) {
         if let Some(a) = &self.audit {
             a.log.record(event(a));
         }
