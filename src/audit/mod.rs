@@ -10,8 +10,8 @@ pub mod writer;
 use std::path::PathBuf;
 
 pub use reader::{
-    export, load_public_key, load_signing_key, read, verify_dir, verify_export, Contents,
-    DirVerdict, Export, EXPORT_FORMAT,
+    export, load_public_key, load_signing_key, read, read_device, verify_dir, verify_export,
+    Contents, DirVerdict, Export, EXPORT_FORMAT,
 };
 pub use record::{
     redact, stored_payload, verify_device, Anchor, Checkpoint, Failure, Record, RecordKind,

@@ -99,9 +99,27 @@ pub(super) fn read_lines(
 
 /// Reads a whole audit directory (safe while the gateway writes to it).
 pub fn read(dir: &Path) -> Result<Contents, AuditError> {
+    read_filtered(dir, None)
+}
+
+/// Reads one device's records, checkpoints and anchors, segment by segment: memory grows with
+/// that device's log, not with the directory. Lines of other devices are recognised by their
+/// first field (records and checkpoints are written with `device` first) and skipped
+/// unparsed.
+pub fn read_device(dir: &Path, device: &str) -> Result<Contents, AuditError> {
+    read_filtered(dir, Some(device))
+}
+
+fn read_filtered(dir: &Path, device: Option<&str>) -> Result<Contents, AuditError> {
+    // `{"device":"ID",` exactly as serde_json writes it.
+    let prefix = device.map(|d| format!("{{\"device\":{},", serde_json::Value::from(d)));
+    let wanted = |line: &str| prefix.as_deref().is_none_or(|p| line.starts_with(p));
     let mut contents = Contents::default();
     for (_, path) in segments(dir)? {
         read_lines(&path, |n, line| {
+            if !wanted(line) {
+                return;
+            }
             match serde_json::from_str::<Record>(line) {
                 Ok(r) => contents
                     .records
@@ -118,6 +136,9 @@ pub fn read(dir: &Path) -> Result<Contents, AuditError> {
             continue;
         }
         read_lines(&path, |n, line| {
+            if !wanted(line) {
+                return;
+            }
             match serde_json::from_str::<Checkpoint>(line) {
                 Ok(c) if anchors => contents.anchors.push(c),
                 Ok(c) => contents.checkpoints.push(c),
@@ -167,7 +188,7 @@ pub fn verify_dir(
     public_key: &[u8; 32],
     device: Option<&str>,
 ) -> Result<DirVerdict, AuditError> {
-    let contents = read(dir)?;
+    let contents = read_filtered(dir, device)?;
     let mut out = DirVerdict {
         verified: Vec::new(),
         failures: Vec::new(),
@@ -229,21 +250,13 @@ pub struct Export {
 pub const EXPORT_FORMAT: &str = "gatehouse-audit-export/v1";
 
 pub fn export(dir: &Path, device: &str) -> Result<Export, AuditError> {
-    let mut contents = read(dir)?;
+    let mut contents = read_device(dir, device)?;
     Ok(Export {
         format: EXPORT_FORMAT.into(),
         device: device.to_string(),
         records: contents.records.remove(device).unwrap_or_default(),
-        checkpoints: contents
-            .checkpoints
-            .into_iter()
-            .filter(|c| c.device == device)
-            .collect(),
-        anchors: contents
-            .anchors
-            .into_iter()
-            .filter(|c| c.device == device)
-            .collect(),
+        checkpoints: contents.checkpoints,
+        anchors: contents.anchors,
     })
 }
 

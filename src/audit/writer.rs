@@ -89,10 +89,13 @@ impl AuditLog {
     ) -> Result<(AuditLog, std::thread::JoinHandle<()>), AuditError> {
         std::fs::create_dir_all(&cfg.dir).map_err(|e| io(&cfg.dir, e))?;
         let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+        let mut summaries: BTreeMap<u64, SegmentSummary> = BTreeMap::new();
         let segs = segments(&cfg.dir)?;
-        for (i, (_, path)) in segs.iter().enumerate() {
+        for (i, (n, path)) in segs.iter().enumerate() {
+            let summary = summaries.entry(*n).or_default();
             let torn = read_lines(path, |_, line| {
                 if let Ok(r) = serde_json::from_str::<Record>(line) {
+                    summary.add(&r);
                     heads.insert(r.device.clone(), (r.seq + 1, r.hash));
                 }
             })?;
@@ -133,6 +136,7 @@ impl AuditLog {
             key,
             segment: current,
             file: None,
+            summaries,
             heads,
             dirty: HashSet::new(),
             checkpointed,
@@ -233,11 +237,29 @@ impl AuditLog {
     }
 }
 
+/// What retention needs to know about a segment, kept up to date as records are written so
+/// that pruning never reads a segment back: its newest record's time, and the last record
+/// of each device in it (where that device's chain continues after the segment).
+#[derive(Debug, Default)]
+struct SegmentSummary {
+    newest_ms: i64,
+    last: BTreeMap<String, (u64, String)>,
+}
+
+impl SegmentSummary {
+    fn add(&mut self, r: &Record) {
+        self.newest_ms = self.newest_ms.max(r.time_ms);
+        self.last.insert(r.device.clone(), (r.seq, r.hash.clone()));
+    }
+}
+
 struct Writer {
     cfg: WriterConfig,
     key: aws_lc_rs::signature::Ed25519KeyPair,
     segment: u64,
     file: Option<(File, u64)>,
+    /// Every segment still on disk, by number (the current one included).
+    summaries: BTreeMap<u64, SegmentSummary>,
     /// Per device: next sequence number and last hash (of what is on disk).
     heads: HashMap<String, (u64, String)>,
     /// Devices whose head changed since their last checkpoint.
@@ -379,6 +401,11 @@ impl Writer {
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!("audit log writable again");
                 }
+                // `append` rotated (if it had to) before writing: the batch is in `segment`.
+                let summary = self.summaries.entry(self.segment).or_default();
+                for record in &sealed {
+                    summary.add(record);
+                }
                 for (device, head) in working {
                     self.dirty.insert(device.clone());
                     self.heads.insert(device, head);
@@ -446,33 +473,25 @@ impl Writer {
     /// segment goes, an anchor (device, last removed seq and hash) is signed and synced for
     /// each device in it; verification then starts those chains at their anchors.
     fn prune(&mut self, age: Duration) -> Result<(), AuditError> {
-        let cutoff = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-            - age.as_millis() as i64;
-        for (n, path) in segments(&self.cfg.dir)? {
-            if n >= self.segment {
-                break;
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let cutoff = now_ms - age.as_millis() as i64;
+        loop {
+            let Some((&n, summary)) = self.summaries.first_key_value() else {
+                return Ok(());
+            };
+            if n >= self.segment || summary.newest_ms >= cutoff {
+                return Ok(());
             }
-            let mut newest = i64::MIN;
-            let mut last: BTreeMap<String, (u64, String)> = BTreeMap::new();
-            read_lines(&path, |_, line| {
-                if let Ok(r) = serde_json::from_str::<Record>(line) {
-                    newest = newest.max(r.time_ms);
-                    last.insert(r.device.clone(), (r.seq, r.hash));
-                }
-            })?;
-            if newest >= cutoff {
-                break;
-            }
-            let now_ms =
-                (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            let path = self.cfg.dir.join(segment_name(n));
             let mut buf = Vec::new();
-            for (device, (seq, hash)) in &last {
+            for (device, (seq, hash)) in &summary.last {
                 let _ = serde_json::to_writer(
                     &mut buf,
                     &Checkpoint::sign_anchor(&self.key, device, *seq, hash, now_ms),
                 );
                 buf.push(b'\n');
             }
+            let devices = summary.last.len();
             let anchors = self.cfg.dir.join(ANCHORS_FILE);
             let mut f = OpenOptions::new()
                 .create(true)
@@ -482,13 +501,17 @@ impl Writer {
             f.write_all(&buf)
                 .and_then(|()| f.sync_data())
                 .map_err(|e| io(&anchors, e))?;
-            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path, e)),
+            }
             if let Ok(d) = File::open(&self.cfg.dir) {
                 let _ = d.sync_all();
             }
-            tracing::info!(segment = %path.display(), devices = last.len(), "audit retention: pruned a segment, anchors signed");
+            self.summaries.remove(&n);
+            tracing::info!(segment = %path.display(), devices, "audit retention: pruned a segment, anchors signed");
         }
-        Ok(())
     }
 
     /// Signs the head of every device that changed since its last checkpoint.
@@ -587,6 +610,63 @@ mod tests {
         let v = verify_dir(dir.path(), &pk, None).unwrap();
         assert!(!v.failures.is_empty());
     }
+    /// Retention decides from what the writer recorded about each segment as it wrote it;
+    /// it never reads a segment back (here the old segments are overwritten with garbage
+    /// before pruning, and the anchors still come out right).
+    #[tokio::test]
+    async fn retention_never_reads_a_segment_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, pk) = key();
+        let mut c = cfg(dir.path());
+        c.retention = Some(Duration::ZERO);
+        let (log, thread) = AuditLog::open(c, k).unwrap();
+        for n in 0..12 {
+            log.record_durable(event("d1", n)).await.unwrap();
+            log.record_durable(event("d2", n)).await.unwrap();
+        }
+        let segs = segments(dir.path()).unwrap();
+        assert!(segs.len() > 2);
+        for (_, path) in &segs[..segs.len() - 1] {
+            let len = std::fs::metadata(path).unwrap().len() as usize;
+            std::fs::write(path, vec![b'x'; len]).unwrap();
+        }
+        assert!(log.close().await);
+        thread.join().unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 1);
+        let v = verify_dir(dir.path(), &pk, None).unwrap();
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(v.verified.len(), 2);
+    }
+
+    /// One device's log is read without parsing the other devices' lines.
+    #[tokio::test]
+    async fn one_device_is_read_without_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, pk) = key();
+        let (log, thread) = AuditLog::open(cfg(dir.path()), k).unwrap();
+        for n in 0..3 {
+            log.record_durable(event("d1", n)).await.unwrap();
+            log.record_durable(event("d10", n)).await.unwrap();
+        }
+        assert!(log.close().await);
+        thread.join().unwrap();
+        // A damaged line of another device: the whole-directory read reports it, the
+        // one-device read never looks at it.
+        let last = segments(dir.path()).unwrap().last().unwrap().1.clone();
+        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+        f.write_all(b"{\"device\":\"d10\",damaged\n").unwrap();
+        drop(f);
+        assert_eq!(read(dir.path()).unwrap().unreadable.len(), 1);
+        let one = crate::audit::read_device(dir.path(), "d1").unwrap();
+        assert!(one.unreadable.is_empty());
+        assert_eq!(one.records.keys().collect::<Vec<_>>(), vec!["d1"]);
+        assert_eq!(one.records["d1"].len(), 3);
+        assert!(one.checkpoints.iter().all(|c| c.device == "d1"));
+        let v = verify_dir(dir.path(), &pk, Some("d1")).unwrap();
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(export(dir.path(), "d1").unwrap().records.len(), 3);
+    }
+
     use aws_lc_rs::signature::KeyPair;
 
     fn key() -> (aws_lc_rs::signature::Ed25519KeyPair, [u8; 32]) {

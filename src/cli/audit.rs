@@ -98,7 +98,7 @@ fn show(
         ),
         None => None,
     };
-    let mut contents = audit::read(&cfg.dir)?;
+    let mut contents = audit::read_device(&cfg.dir, device)?;
     let records = contents.records.remove(device).unwrap_or_default();
     let shown: Vec<_> = records
         .iter()
