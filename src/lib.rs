@@ -21,6 +21,8 @@
 //! - [`net`]: rustls configs, the backend connector, session worker runtimes.
 //! - [`session`]: one connection: handshake, frame steps, relay, lifecycle.
 //! - [`admin`]: the loopback admin API and its blocking client.
+//! - [`live`]: the runtime snapshot (runtime configuration, schemas, backend connector)
+//!   behind one `ArcSwap`, read by sessions at defined points and swapped on reload.
 //! - [`control`]: operator actions (reloads) that the admin API and signals share.
 //! - [`server`]: loading before binding, the accept loop, shutdown.
 
@@ -30,6 +32,7 @@ pub mod audit;
 pub mod config;
 pub mod control;
 pub mod frames;
+pub mod live;
 pub mod model;
 pub mod net;
 pub mod policy;

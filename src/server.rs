@@ -20,11 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::net::backend::Connector;
+use crate::live::{Live, LiveHandle};
 use crate::net::tls::{TlsError, TlsState};
 use crate::net::workers::SessionWorkers;
 use crate::policy::rejections::RejectionStats;
-use crate::schema::{SchemaError, SchemaSet};
+use crate::schema::SchemaError;
 use crate::session::{self, FrameServices, Shared};
 use crate::storage::{DeadLetterStore, DeviceStore, Embedded, RegistryError};
 
@@ -65,13 +65,13 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Loads everything that can fail on bad files. Binds nothing.
     pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
-        let tls = Arc::new(TlsState::load(&config.tls)?);
-        if config.tls.crls.is_empty() {
+        let runtime = &config.runtime;
+        let tls = Arc::new(TlsState::load(&runtime.tls)?);
+        if runtime.tls.crls.is_empty() {
             tracing::warn!("no tls.crl configured: certificate revocation is checked only through the registry");
         }
-        let backend_tls = crate::net::tls::backend_client_config(&config.backend)?;
-        let schemas = crate::config::load_schemas(&config.schemas_dir)?;
-        for (route, device_type, file) in &config.routes.missing_schemas(&schemas) {
+        let schemas = crate::config::load_schemas(&runtime.schemas_dir)?;
+        for (route, device_type, file) in &runtime.routes.missing_schemas(&schemas) {
             // Devices of these types are refused on these routes (500 no-schema); say so now.
             tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
         }
@@ -79,14 +79,14 @@ impl Server {
         let deadletter_store: Arc<dyn DeadLetterStore> = storage.dead_letters;
         let (deadletters, writer) =
             crate::storage::deadletter::writer(deadletter_store.clone(), shutdown.clone());
-        let connector = Connector::new(
-            backend_tls,
-            config.backend.connect_timeout,
-            crate::net::websocket_config(&config.websocket),
-        );
+        let live: LiveHandle = Arc::new(ArcSwap::from_pointee(Live::build(
+            config.runtime.clone(),
+            schemas,
+        )?));
         let (audit, audit_thread) = match &config.audit {
             None => {
                 if config
+                    .runtime
                     .routes
                     .iter()
                     .any(|r| r.kind == crate::admission::routing::RouteKind::Control)
@@ -113,15 +113,14 @@ impl Server {
         };
         let frames = FrameServices {
             audit,
-            schemas: Arc::new(ArcSwap::from_pointee(schemas)),
             rejections: Arc::new(RejectionStats::default()),
             deadletters,
         };
         let shared = Arc::new(Shared::new(
             config,
+            live,
             tls,
             storage.devices,
-            connector,
             frames,
             shutdown,
         ));
@@ -134,8 +133,9 @@ impl Server {
         })
     }
 
-    pub fn schemas(&self) -> Arc<ArcSwap<SchemaSet>> {
-        self.shared.schemas.clone()
+    /// The runtime snapshot in force, swapped on reload.
+    pub fn live(&self) -> LiveHandle {
+        self.shared.live.clone()
     }
 
     pub fn rejections(&self) -> Arc<RejectionStats> {
@@ -181,8 +181,8 @@ impl Server {
                 registry: shared.registry.clone(),
                 tls: shared.tls.clone(),
                 token: admin_cfg.token,
-                schemas: shared.schemas.clone(),
-                schemas_dir: shared.config.schemas_dir.clone(),
+                live: shared.live.clone(),
+                started: Arc::new(shared.config.clone()),
                 rejections: shared.rejections.clone(),
                 deadletters: self.deadletter_store.clone(),
                 audit: shared.config.audit.clone(),
@@ -211,7 +211,7 @@ impl Server {
         tracing::info!(
             listen = ?listener.local_addr().ok(),
             devices = shared.registry.len(),
-            routes = shared.config.routes.iter().count(),
+            routes = shared.live.load().config.routes.iter().count(),
             "gateway listening"
         );
 
@@ -303,7 +303,7 @@ impl Server {
 
 /// Checks the TLS files for changes every `tls.crl_refresh`, and warns about stale CRLs.
 async fn crl_refresher(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.tls.crl_refresh);
+    let mut tick = tokio::time::interval(shared.config.runtime.tls.crl_refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -335,22 +335,22 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
             _ = shared.shutdown.cancelled() => return,
             s = hup.recv() => if s.is_none() { return },
         }
-        let reloaded = crate::control::reload_all(
-            shared.tls.clone(),
-            shared.schemas.clone(),
-            shared.config.schemas_dir.clone(),
-        )
-        .await;
-        match reloaded.tls {
-            Ok(()) => tracing::info!("SIGHUP: TLS material reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: TLS reload failed; the previous certificates and CRLs stay in force")
+        match crate::control::reload_config(&shared.config, &shared.live, &shared.tls).await {
+            Ok(r) => {
+                tracing::info!(
+                    routes = r.routes,
+                    device_types = r.device_types,
+                    "SIGHUP: configuration, TLS material and schemas reloaded"
+                );
+                for key in r.restart_needed {
+                    tracing::warn!(
+                        setting = key,
+                        "SIGHUP: this setting changed but needs a restart; the running value stays"
+                    );
+                }
             }
-        }
-        match reloaded.schemas {
-            Ok(n) => tracing::info!(device_types = n, "SIGHUP: schemas reloaded"),
             Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: schema reload failed; the previous schemas stay in force")
+                tracing::error!(error = %e, "SIGHUP: reload failed; the previous configuration, TLS material and schemas stay in force")
             }
         }
     }

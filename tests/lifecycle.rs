@@ -108,3 +108,49 @@ async fn records_of_sessions_cut_off_at_shutdown_are_synced_and_signed() {
     );
     drop((dev, be));
 }
+
+/// A configuration reload (`POST /v1/reload`, as `gatehouse reload` and SIGHUP do) swaps in
+/// the new runtime part: the next connection goes to the route's new backend. A changed
+/// setting that needs a restart is reported and keeps its running value.
+#[tokio::test]
+async fn a_configuration_reload_applies_routes_to_the_next_connection() {
+    let mut first = Backend::start().await;
+    let mut second = Backend::start().await;
+    let gw = Gateway::start(Options::new(vec![telemetry_route(vec![first.url("/a")])])).await;
+    let sensor = gw.enroll("s1", "env-sensor");
+    let (_dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let _ = first.next().await;
+
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let text = text
+        .replace(&first.url("/a"), &second.url("/b"))
+        .replace("max_message_bytes = 65536", "max_message_bytes = 65000")
+        .replace("max_frame_bytes = 65536", "max_frame_bytes = 65000")
+        .replacen("shutdown_grace_ms = 5000", "shutdown_grace_ms = 4000", 1);
+    std::fs::write(&gw.config_path, text).unwrap();
+    let client = gw.admin_client();
+    let report = tokio::task::spawn_blocking(move || client.reload().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.routes, 1);
+    assert_eq!(report.restart_needed, vec!["server.shutdown_grace_ms"]);
+    assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65000);
+
+    let (_dev2, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let conn = second.next().await;
+    assert_eq!(conn.headers["x-gatehouse-device-id"], "s1");
+
+    // A broken file changes nothing.
+    std::fs::write(&gw.config_path, "[server]\nlisten = 5").unwrap();
+    let client = gw.admin_client();
+    let err = tokio::task::spawn_blocking(move || client.reload().unwrap_err())
+        .await
+        .unwrap();
+    assert!(
+        err.to_string().contains("previous configuration kept"),
+        "{err}"
+    );
+    let (_dev3, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let _ = second.next().await;
+    gw.stop().await;
+}

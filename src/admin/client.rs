@@ -149,6 +149,11 @@ impl AdminClient {
         self.post("/v1/schemas/reload", None::<&()>)
     }
 
+    /// Reloads the whole runtime configuration (like SIGHUP).
+    pub fn reload(&self) -> Result<super::ReloadReport, ClientError> {
+        self.post("/v1/reload", None::<&()>)
+    }
+
     pub fn reload_tls(&self) -> Result<Health, ClientError> {
         self.post("/v1/tls/reload", None::<&()>)
     }

@@ -21,13 +21,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use arc_swap::ArcSwap;
-
 use crate::config::AdminToken;
 use crate::model::{Device, DeviceStatus, Enrollment};
 use crate::net::tls::TlsState;
 use crate::policy::rejections::{RejectionCount, RejectionStats};
-use crate::schema::SchemaSet;
 use crate::storage::{DeadLetter, DeadLetterStore, DeviceStore, RegistryError};
 
 /// Time the CLI waits for the admin API before it gives up: 10 s.
@@ -38,8 +35,9 @@ pub struct AdminState {
     pub registry: Arc<dyn DeviceStore>,
     pub tls: Arc<TlsState>,
     pub token: AdminToken,
-    pub schemas: Arc<ArcSwap<SchemaSet>>,
-    pub schemas_dir: std::path::PathBuf,
+    pub live: crate::live::LiveHandle,
+    /// The configuration as started (what a configuration reload compares with).
+    pub started: Arc<crate::config::Config>,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: Arc<dyn DeadLetterStore>,
     /// `[audit]`: the directory and the public key file, when configured.
@@ -219,7 +217,7 @@ async fn reload_schemas(
     headers: HeaderMap,
 ) -> Result<Json<Health>, ApiError> {
     authorize(&s, &headers)?;
-    let n = crate::control::reload_schemas(s.schemas.clone(), s.schemas_dir.clone())
+    let n = crate::control::reload_schemas(s.live.clone())
         .await
         .map_err(|e| {
             ApiError(
@@ -231,6 +229,42 @@ async fn reload_schemas(
     Ok(Json(Health {
         status: "reloaded".into(),
         devices: s.registry.len(),
+    }))
+}
+
+/// Answer of `POST /v1/reload`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub status: String,
+    pub routes: usize,
+    pub device_types: usize,
+    /// Changed settings that need a restart (their running values stay).
+    pub restart_needed: Vec<String>,
+}
+
+async fn reload_config(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<ReloadReport>, ApiError> {
+    authorize(&s, &headers)?;
+    let r = crate::control::reload_config(&s.started, &s.live, &s.tls)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload failed, previous configuration kept: {e}"),
+            )
+        })?;
+    tracing::info!(
+        routes = r.routes,
+        device_types = r.device_types,
+        "admin: configuration reloaded"
+    );
+    Ok(Json(ReloadReport {
+        status: "reloaded".into(),
+        routes: r.routes,
+        device_types: r.device_types,
+        restart_needed: r.restart_needed.iter().map(|k| k.to_string()).collect(),
     }))
 }
 
@@ -375,6 +409,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices/{id}/resume", post(resume))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/deadletters", get(deadletters))
+        .route("/v1/reload", post(reload_config))
         .route("/v1/tls/reload", post(reload_tls))
         .route("/v1/schemas/reload", post(reload_schemas))
         .route("/v1/stats/rejections", get(rejections))

@@ -51,8 +51,8 @@ async fn wait_for_stop_signal() {
 /// admin token, the audit signing and public keys) and prints what it found.
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let tls = gatehouse::net::tls::TlsState::load(&config.tls)?;
-    gatehouse::net::tls::backend_client_config(&config.backend)?;
+    let tls = gatehouse::net::tls::TlsState::load(&config.runtime.tls)?;
+    gatehouse::net::tls::backend_client_config(&config.runtime.backend)?;
     if let Some(audit) = &config.audit {
         gatehouse::audit::load_signing_key(&audit.signing_key)?;
         if let Some(public) = &audit.public_key {
@@ -63,10 +63,13 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     let stale = tls.current().crls.stale(now).count();
     println!("config {} is valid", path.display());
     println!("  listen            {}", config.listen);
-    println!("  client CA         {}", config.tls.client_ca.display());
+    println!(
+        "  client CA         {}",
+        config.runtime.tls.client_ca.display()
+    );
     println!(
         "  CRLs              {} file(s), {} revoked serial(s), {} stale",
-        config.tls.crls.len(),
+        config.runtime.tls.crls.len(),
         tls.current().crls.len(),
         stale
     );
@@ -74,7 +77,7 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(audit) = &config.audit {
         println!("  audit log         {}", audit.dir.display());
     }
-    for route in config.routes.iter() {
+    for route in config.runtime.routes.iter() {
         println!(
             "  route {:<12} {} for [{}] -> {}",
             route.subprotocol,
@@ -88,16 +91,21 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    let schemas = gatehouse::config::load_schemas(&config.schemas_dir)?;
+    let schemas = gatehouse::config::load_schemas(&config.runtime.schemas_dir)?;
     for (t, kinds) in schemas.device_types() {
         let names: Vec<&str> = kinds.iter().map(|k| k.file_name()).collect();
         println!("  schemas {:<14} {}", t, names.join(", "));
     }
-    let missing = config.routes.missing_schemas(&schemas);
+    let missing = config.runtime.routes.missing_schemas(&schemas);
     for (route, device_type, file) in &missing {
         println!(
             "error: route {route} allows device type {device_type} but {} is missing",
-            config.schemas_dir.join(device_type).join(file).display()
+            config
+                .runtime
+                .schemas_dir
+                .join(device_type)
+                .join(file)
+                .display()
         );
     }
     if !missing.is_empty() {
@@ -118,8 +126,13 @@ pub fn reload(config: &Config) -> anyhow::Result<()> {
         bail!("no [admin] section: send SIGHUP to the gateway instead");
     };
     let client = AdminClient::new(admin.listen, admin.token.clone());
-    client.reload_tls()?;
-    client.reload_schemas()?;
-    println!("TLS material and schemas reloaded");
+    let report = client.reload()?;
+    println!(
+        "configuration, TLS material and schemas reloaded: {} route(s), {} device type(s)",
+        report.routes, report.device_types
+    );
+    for key in &report.restart_needed {
+        println!("warning: {key} changed but needs a restart; the running value stays");
+    }
     Ok(())
 }

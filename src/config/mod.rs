@@ -258,48 +258,69 @@ pub struct BackendConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     pub dir: PathBuf,
     pub signing_key: PathBuf,
     pub public_key: Option<PathBuf>,
-    pub command_timeout: Duration,
     pub checkpoint_interval: Duration,
-    pub max_payload_bytes: usize,
-    /// Field names whose values are replaced before a payload is stored.
-    pub redact: Vec<String>,
     pub segment_bytes: u64,
     /// Segments whose newest record is older than this are pruned behind signed anchors.
     pub retention: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterConfig {
     pub per_device: usize,
-    pub max_payload_bytes: usize,
 }
 
-/// The validated configuration the gateway runs with.
+/// How commands are recorded on control routes (from `[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRules {
+    /// Time a device has to answer a command before it is recorded as timed out.
+    pub timeout: Duration,
+    /// Payload bytes kept in an audit record (after redaction).
+    pub max_payload_bytes: usize,
+    /// Field names whose values are replaced before a payload is stored.
+    pub redact: Vec<String>,
+}
+
+/// The validated configuration, in two layers: what needs a restart (these fields) and what
+/// may change while the gateway runs ([`RuntimeConfig`], swapped in whole on reload).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Session worker threads (one single-threaded runtime each).
     pub workers: NonZeroUsize,
-    pub schemas_dir: PathBuf,
-    pub limits: crate::frames::DecodeLimits,
-    pub deadletter: DeadLetterConfig,
-    pub audit: Option<AuditConfig>,
     pub listen: SocketAddr,
     pub max_connections: NonZeroUsize,
+    pub shutdown_grace: Duration,
+    pub registry_path: PathBuf,
+    pub deadletter: DeadLetterConfig,
+    /// The audit log's storage and signing key.
+    pub audit: Option<AuditConfig>,
+    pub admin: Option<AdminConfig>,
+    pub runtime: RuntimeConfig,
+    /// The file this was loaded from: what a reload reads again.
+    pub source: Option<PathBuf>,
+}
+
+/// What may change while the gateway runs: TLS material, routes and their backends, schemas,
+/// WebSocket limits, timers. Sessions read one snapshot of it at defined points (the
+/// handshake reads it once; each frame reads the schemas of the snapshot in force).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub tls: TlsConfig,
+    pub routes: RouteTable,
+    pub schemas_dir: PathBuf,
+    pub limits: crate::frames::DecodeLimits,
+    pub websocket: WebSocketLimits,
+    pub backend: BackendConfig,
     pub handshake_timeout: Duration,
     pub max_request_header_bytes: usize,
     pub close_timeout: Duration,
-    pub shutdown_grace: Duration,
-    pub tls: TlsConfig,
-    pub registry_path: PathBuf,
-    pub admin: Option<AdminConfig>,
-    pub websocket: WebSocketLimits,
-    pub backend: BackendConfig,
-    pub routes: RouteTable,
+    /// Payload bytes kept per dead letter.
+    pub dead_letter_payload_bytes: usize,
+    pub commands: CommandRules,
 }
 
 impl Config {
@@ -314,27 +335,153 @@ impl Config {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_file(file, base)
+        let mut config = Self::from_file(file, base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
-    /// Validates a parsed file; `base` is the directory relative paths start from.
+    /// Validates a parsed file; `base` is the directory relative paths start from. Each
+    /// section converts on its own (`TryFrom<Section<..>>`); what spans sections (wss://
+    /// backends need `backend.ca`, dead letters fit in a message) is checked here.
     pub fn from_file(file: FileConfig, base: &Path) -> Result<Self, ConfigError> {
-        let rel = |p: &Path| -> PathBuf {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
+        fn at<T>(file: T, base: &Path) -> Section<'_, T> {
+            Section { file, base }
+        }
+        let server = ServerSection::try_from(at(file.server, base))?;
+        let tls = TlsConfig::try_from(at(file.tls, base))?;
+        let admin = file
+            .admin
+            .map(|a| AdminConfig::try_from(at(a, base)))
+            .transpose()?;
+        let websocket = WebSocketLimits::try_from(file.websocket)?;
+        let backend = BackendConfig::try_from(at(file.backend, base))?;
+        let routes = RouteTable::try_from(file.routes)?;
+        if let Some(route) = routes.iter().find(|r| r.uses_tls()) {
+            if backend.ca.is_none() {
+                return Err(invalid(format!(
+                    "route {:?} has a wss:// backend but backend.ca is not set: name the CA bundle that signs the backends' certificates",
+                    route.subprotocol
+                )));
+            }
+        }
+        let max_depth = file.schemas.max_depth.unwrap_or(DEFAULT_MAX_DEPTH);
+        if !(1..=MAX_DEPTH_LIMIT).contains(&max_depth) {
+            return Err(invalid(format!(
+                "schemas.max_depth must be between 1 and {MAX_DEPTH_LIMIT}"
+            )));
+        }
+        let (deadletter, dead_letter_payload_bytes) = dead_letters(file.deadletter)?;
+        let (audit, commands) = match file.audit {
+            None => (None, CommandRules::default()),
+            Some(a) => {
+                let (audit, commands) = <(AuditConfig, CommandRules)>::try_from(at(a, base))?;
+                (Some(audit), commands)
             }
         };
-        let ms = |v: Option<u64>, default: Duration, key: &str| -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(0) => Err(invalid(format!("{key} must be greater than 0"))),
-                Some(ms) => Ok(Duration::from_millis(ms)),
-            }
-        };
+        Ok(Self {
+            workers: server.workers,
+            listen: server.listen,
+            max_connections: server.max_connections,
+            shutdown_grace: server.shutdown_grace,
+            registry_path: at((), base).path(&file.registry.path),
+            deadletter,
+            audit,
+            admin,
+            runtime: RuntimeConfig {
+                tls,
+                routes,
+                schemas_dir: at((), base)
+                    .path(file.schemas.dir.as_deref().unwrap_or(Path::new("schemas"))),
+                limits: crate::frames::DecodeLimits { max_depth },
+                // More than a message can hold would never be used.
+                dead_letter_payload_bytes: dead_letter_payload_bytes
+                    .min(websocket.max_message_bytes),
+                websocket,
+                backend,
+                handshake_timeout: server.handshake_timeout,
+                max_request_header_bytes: server.max_request_header_bytes,
+                close_timeout: server.close_timeout,
+                commands,
+            },
+            source: None,
+        })
+    }
 
-        let s = file.server;
+    /// What differs between this configuration and `next` in the part that needs a restart;
+    /// a reload applies the runtime part and reports these.
+    pub fn restart_needed(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != next.listen {
+            changed.push("server.listen");
+        }
+        if self.workers != next.workers {
+            changed.push("server.workers");
+        }
+        if self.max_connections != next.max_connections {
+            changed.push("server.max_connections");
+        }
+        if self.shutdown_grace != next.shutdown_grace {
+            changed.push("server.shutdown_grace_ms");
+        }
+        if self.registry_path != next.registry_path {
+            changed.push("registry.path");
+        }
+        if self.deadletter != next.deadletter {
+            changed.push("deadletter.per_device");
+        }
+        if self.audit != next.audit {
+            changed.push("[audit] storage and keys");
+        }
+        if self.admin.as_ref().map(|a| (a.listen, &a.token))
+            != next.admin.as_ref().map(|a| (a.listen, &a.token))
+        {
+            changed.push("[admin]");
+        }
+        changed
+    }
+}
+
+/// A file section and the directory its relative paths start from.
+pub struct Section<'a, T> {
+    pub file: T,
+    pub base: &'a Path,
+}
+
+impl<T> Section<'_, T> {
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+/// A duration in milliseconds from the file: the default when absent, never 0.
+fn ms(v: Option<u64>, default: Duration, key: &str) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(format!("{key} must be greater than 0"))),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// `[server]`, validated.
+struct ServerSection {
+    listen: SocketAddr,
+    workers: NonZeroUsize,
+    max_connections: NonZeroUsize,
+    handshake_timeout: Duration,
+    max_request_header_bytes: usize,
+    close_timeout: Duration,
+    shutdown_grace: Duration,
+}
+
+impl TryFrom<Section<'_, FileServer>> for ServerSection {
+    type Error = ConfigError;
+
+    fn try_from(section: Section<'_, FileServer>) -> Result<Self, ConfigError> {
+        let s = section.file;
         let listen_text = s.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             invalid(format!(
@@ -352,8 +499,41 @@ impl Config {
                 "server.max_request_header_bytes must be between 512 and 65536",
             ));
         }
+        let workers = match s.workers {
+            Some(n) => NonZeroUsize::new(n)
+                .filter(|n| n.get() <= 256)
+                .ok_or_else(|| invalid("server.workers must be between 1 and 256"))?,
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        };
+        Ok(Self {
+            listen,
+            workers,
+            max_connections,
+            handshake_timeout: ms(
+                s.handshake_timeout_ms,
+                DEFAULT_HANDSHAKE_TIMEOUT,
+                "server.handshake_timeout_ms",
+            )?,
+            max_request_header_bytes,
+            close_timeout: ms(
+                s.close_timeout_ms,
+                DEFAULT_CLOSE_TIMEOUT,
+                "server.close_timeout_ms",
+            )?,
+            shutdown_grace: ms(
+                s.shutdown_grace_ms,
+                DEFAULT_SHUTDOWN_GRACE,
+                "server.shutdown_grace_ms",
+            )?,
+        })
+    }
+}
 
-        let t = file.tls;
+impl TryFrom<Section<'_, FileTls>> for TlsConfig {
+    type Error = ConfigError;
+
+    fn try_from(section: Section<'_, FileTls>) -> Result<Self, ConfigError> {
+        let t = &section.file;
         let min_version = match t.min_version.as_deref() {
             None | Some("1.3") => MinTlsVersion::Tls13,
             Some("1.2") => MinTlsVersion::Tls12,
@@ -372,47 +552,54 @@ impl Config {
                 )))
             }
         };
-        let tls = TlsConfig {
-            cert: rel(&t.cert),
-            key: rel(&t.key),
-            client_ca: rel(&t.client_ca),
-            crls: t.crl.iter().map(|p| rel(p)).collect(),
+        Ok(TlsConfig {
+            cert: section.path(&t.cert),
+            key: section.path(&t.key),
+            client_ca: section.path(&t.client_ca),
+            crls: t.crl.iter().map(|p| section.path(p)).collect(),
             min_version,
             stale_crl,
             crl_refresh: ms(t.crl_refresh_ms, DEFAULT_CRL_REFRESH, "tls.crl_refresh_ms")?,
             session_resumption: t.session_resumption.unwrap_or(true),
-        };
+        })
+    }
+}
 
-        let admin = match file.admin {
-            None => None,
-            Some(a) => {
-                let listen: SocketAddr = a.listen.parse().map_err(|_| {
-                    invalid(format!(
-                        "admin.listen = {:?} is not an address: write it as \"127.0.0.1:PORT\"",
-                        a.listen
-                    ))
-                })?;
-                if !listen.ip().is_loopback() {
-                    return Err(invalid(format!(
-                        "admin.listen = {listen} is not a loopback address: the admin API only listens on 127.0.0.1 or ::1"
-                    )));
-                }
-                let token_path = rel(&a.token_file);
-                let token_text = std::fs::read_to_string(&token_path).map_err(|e| {
-                    invalid(format!(
-                        "admin.token_file {}: {e}; create it with `head -c 32 /dev/urandom | base64 > {}`",
-                        token_path.display(),
-                        token_path.display()
-                    ))
-                })?;
-                Some(AdminConfig {
-                    listen,
-                    token: AdminToken::new(&token_text)?,
-                })
-            }
-        };
+impl TryFrom<Section<'_, FileAdmin>> for AdminConfig {
+    type Error = ConfigError;
 
-        let w = file.websocket;
+    fn try_from(section: Section<'_, FileAdmin>) -> Result<Self, ConfigError> {
+        let a = &section.file;
+        let listen: SocketAddr = a.listen.parse().map_err(|_| {
+            invalid(format!(
+                "admin.listen = {:?} is not an address: write it as \"127.0.0.1:PORT\"",
+                a.listen
+            ))
+        })?;
+        if !listen.ip().is_loopback() {
+            return Err(invalid(format!(
+                "admin.listen = {listen} is not a loopback address: the admin API only listens on 127.0.0.1 or ::1"
+            )));
+        }
+        let token_path = section.path(&a.token_file);
+        let token_text = std::fs::read_to_string(&token_path).map_err(|e| {
+            invalid(format!(
+                "admin.token_file {}: {e}; create it with `head -c 32 /dev/urandom | base64 > {}`",
+                token_path.display(),
+                token_path.display()
+            ))
+        })?;
+        Ok(AdminConfig {
+            listen,
+            token: AdminToken::new(&token_text)?,
+        })
+    }
+}
+
+impl TryFrom<FileWebSocket> for WebSocketLimits {
+    type Error = ConfigError;
+
+    fn try_from(w: FileWebSocket) -> Result<Self, ConfigError> {
         let websocket = WebSocketLimits {
             max_message_bytes: w.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             max_frame_bytes: w.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES),
@@ -441,34 +628,47 @@ impl Config {
                 "websocket.write_buffer_bytes must be at most 1048576",
             ));
         }
+        Ok(websocket)
+    }
+}
 
-        let b = file.backend;
+impl TryFrom<Section<'_, FileBackend>> for BackendConfig {
+    type Error = ConfigError;
+
+    fn try_from(section: Section<'_, FileBackend>) -> Result<Self, ConfigError> {
+        let b = &section.file;
         let client_cert =
-            match (b.client_cert, b.client_key) {
+            match (&b.client_cert, &b.client_key) {
                 (None, None) => None,
-                (Some(c), Some(k)) => Some((rel(&c), rel(&k))),
+                (Some(c), Some(k)) => Some((section.path(c), section.path(k))),
                 _ => return Err(invalid(
                     "backend.client_cert and backend.client_key go together: set both or neither",
                 )),
             };
-        let backend = BackendConfig {
+        Ok(BackendConfig {
             connect_timeout: ms(
                 b.connect_timeout_ms,
                 DEFAULT_BACKEND_CONNECT_TIMEOUT,
                 "backend.connect_timeout_ms",
             )?,
-            ca: b.ca.as_deref().map(rel),
+            ca: b.ca.as_deref().map(|p| section.path(p)),
             client_cert,
-        };
+        })
+    }
+}
 
-        if file.routes.is_empty() {
+impl TryFrom<Vec<FileRoute>> for RouteTable {
+    type Error = ConfigError;
+
+    fn try_from(file: Vec<FileRoute>) -> Result<Self, ConfigError> {
+        if file.is_empty() {
             return Err(invalid(
                 "no [[route]] sections: add at least one, e.g. [[route]] subprotocol = \"telemetry.v1\", kind = \"telemetry\", device_types = [\"env-sensor\"], backends = [\"ws://127.0.0.1:9001/ingest\"]",
             ));
         }
         let mut seen = HashSet::new();
         let mut routes = Vec::new();
-        for r in file.routes {
+        for r in file {
             let rules = FrameRules {
                 error_replies: r.error_replies.unwrap_or(DEFAULT_ERROR_REPLIES),
                 invalid_frame_limit: r.invalid_frame_limit.unwrap_or(DEFAULT_INVALID_FRAME_LIMIT),
@@ -486,60 +686,51 @@ impl Config {
                     r.subprotocol
                 )));
             }
-            if route.uses_tls() && backend.ca.is_none() {
-                return Err(invalid(format!(
-                    "route {:?} has a wss:// backend but backend.ca is not set: name the CA bundle that signs the backends' certificates",
-                    route.subprotocol
-                )));
-            }
             routes.push(route);
         }
+        Ok(RouteTable::new(routes))
+    }
+}
 
-        let max_depth = file.schemas.max_depth.unwrap_or(DEFAULT_MAX_DEPTH);
-        if !(1..=MAX_DEPTH_LIMIT).contains(&max_depth) {
-            return Err(invalid(format!(
-                "schemas.max_depth must be between 1 and {MAX_DEPTH_LIMIT}"
-            )));
-        }
-        let deadletter = DeadLetterConfig {
-            per_device: file
-                .deadletter
-                .per_device
-                .unwrap_or(DEFAULT_DEAD_LETTERS_PER_DEVICE),
-            max_payload_bytes: file
-                .deadletter
-                .max_payload_bytes
-                .unwrap_or(DEFAULT_DEAD_LETTER_PAYLOAD_BYTES),
-        };
-        if !(1..=10_000).contains(&deadletter.per_device) {
-            return Err(invalid("deadletter.per_device must be between 1 and 10000"));
-        }
-        // More than a message can hold would never be used.
-        let deadletter = DeadLetterConfig {
-            max_payload_bytes: deadletter
-                .max_payload_bytes
-                .min(websocket.max_message_bytes),
-            ..deadletter
-        };
+/// `[deadletter]`: the store's bound (startup) and the payload kept (runtime).
+fn dead_letters(d: FileDeadLetter) -> Result<(DeadLetterConfig, usize), ConfigError> {
+    let per_device = d.per_device.unwrap_or(DEFAULT_DEAD_LETTERS_PER_DEVICE);
+    if !(1..=10_000).contains(&per_device) {
+        return Err(invalid("deadletter.per_device must be between 1 and 10000"));
+    }
+    Ok((
+        DeadLetterConfig { per_device },
+        d.max_payload_bytes
+            .unwrap_or(DEFAULT_DEAD_LETTER_PAYLOAD_BYTES),
+    ))
+}
 
-        let audit = match file.audit {
-            None => None,
-            Some(a) => Some(AuditConfig {
-                dir: rel(&a.dir),
-                signing_key: rel(&a.signing_key),
-                public_key: a.public_key.as_deref().map(rel),
-                command_timeout: ms(
-                    a.command_timeout_ms,
-                    DEFAULT_COMMAND_TIMEOUT,
-                    "audit.command_timeout_ms",
-                )?,
+impl Default for CommandRules {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_COMMAND_TIMEOUT,
+            max_payload_bytes: DEFAULT_AUDIT_PAYLOAD_BYTES,
+            redact: Vec::new(),
+        }
+    }
+}
+
+/// `[audit]`: the log's storage and keys (startup) and how commands are recorded (runtime).
+impl TryFrom<Section<'_, FileAudit>> for (AuditConfig, CommandRules) {
+    type Error = ConfigError;
+
+    fn try_from(section: Section<'_, FileAudit>) -> Result<Self, ConfigError> {
+        let a = &section.file;
+        let audit =
+            AuditConfig {
+                dir: section.path(&a.dir),
+                signing_key: section.path(&a.signing_key),
+                public_key: a.public_key.as_deref().map(|p| section.path(p)),
                 checkpoint_interval: ms(
                     a.checkpoint_interval_ms,
                     DEFAULT_CHECKPOINT_INTERVAL,
                     "audit.checkpoint_interval_ms",
                 )?,
-                max_payload_bytes: a.max_payload_bytes.unwrap_or(DEFAULT_AUDIT_PAYLOAD_BYTES),
-                redact: a.redact.unwrap_or_default(),
                 segment_bytes: match a.segment_bytes {
                     None => DEFAULT_AUDIT_SEGMENT_BYTES,
                     Some(n) if n >= 4096 => n,
@@ -552,47 +743,17 @@ impl Config {
                     )),
                     Some(d) => Some(Duration::from_secs(u64::from(d) * 86_400)),
                 },
-            }),
+            };
+        let commands = CommandRules {
+            timeout: ms(
+                a.command_timeout_ms,
+                DEFAULT_COMMAND_TIMEOUT,
+                "audit.command_timeout_ms",
+            )?,
+            max_payload_bytes: a.max_payload_bytes.unwrap_or(DEFAULT_AUDIT_PAYLOAD_BYTES),
+            redact: a.redact.clone().unwrap_or_default(),
         };
-
-        let workers = match s.workers {
-            Some(n) => NonZeroUsize::new(n)
-                .filter(|n| n.get() <= 256)
-                .ok_or_else(|| invalid("server.workers must be between 1 and 256"))?,
-            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
-        };
-
-        Ok(Self {
-            workers,
-            schemas_dir: rel(file.schemas.dir.as_deref().unwrap_or(Path::new("schemas"))),
-            limits: crate::frames::DecodeLimits { max_depth },
-            deadletter,
-            audit,
-            listen,
-            max_connections,
-            handshake_timeout: ms(
-                s.handshake_timeout_ms,
-                DEFAULT_HANDSHAKE_TIMEOUT,
-                "server.handshake_timeout_ms",
-            )?,
-            max_request_header_bytes,
-            close_timeout: ms(
-                s.close_timeout_ms,
-                DEFAULT_CLOSE_TIMEOUT,
-                "server.close_timeout_ms",
-            )?,
-            shutdown_grace: ms(
-                s.shutdown_grace_ms,
-                DEFAULT_SHUTDOWN_GRACE,
-                "server.shutdown_grace_ms",
-            )?,
-            tls,
-            registry_path: rel(&file.registry.path),
-            admin,
-            websocket,
-            backend,
-            routes: RouteTable::new(routes),
-        })
+        Ok((audit, commands))
     }
 }
 
@@ -627,11 +788,17 @@ mod tests {
     fn minimal_config_gets_named_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
-        assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
-        assert_eq!(c.websocket.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
-        assert_eq!(c.tls.cert, PathBuf::from("/etc/gatehouse/server.pem"));
-        assert_eq!(c.tls.min_version, MinTlsVersion::Tls13);
-        assert_eq!(c.tls.stale_crl, StaleCrlPolicy::Refuse);
+        assert_eq!(c.runtime.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(
+            c.runtime.websocket.max_message_bytes,
+            DEFAULT_MAX_MESSAGE_BYTES
+        );
+        assert_eq!(
+            c.runtime.tls.cert,
+            PathBuf::from("/etc/gatehouse/server.pem")
+        );
+        assert_eq!(c.runtime.tls.min_version, MinTlsVersion::Tls13);
+        assert_eq!(c.runtime.tls.stale_crl, StaleCrlPolicy::Refuse);
         assert!(c.admin.is_none());
     }
 
@@ -709,10 +876,13 @@ mod example_tests {
         std::fs::write(&path, example).unwrap();
         std::fs::write(dir.path().join("admin.token"), "0123456789abcdef0123456789").unwrap();
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.audit.as_ref().unwrap().redact, vec!["code".to_string()]);
-        assert_eq!(c.routes.iter().count(), 2);
+        assert_eq!(c.runtime.commands.redact, vec!["code".to_string()]);
+        assert_eq!(c.runtime.routes.iter().count(), 2);
         assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9443".parse().unwrap());
         assert_eq!(c.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(c.websocket.read_buffer_bytes, DEFAULT_READ_BUFFER_BYTES);
+        assert_eq!(
+            c.runtime.websocket.read_buffer_bytes,
+            DEFAULT_READ_BUFFER_BYTES
+        );
     }
 }

@@ -95,16 +95,16 @@ fn mtimes(cfg: &TlsConfig) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-/// One loaded generation of TLS material.
+/// One loaded generation of TLS material, with the configuration it was built from.
 pub struct Loaded {
     pub server: Arc<ServerConfig>,
     pub crls: RevocationIndex,
+    pub cfg: TlsConfig,
     mtimes: Vec<Option<SystemTime>>,
 }
 
 /// The current TLS material, swappable on reload.
 pub struct TlsState {
-    cfg: TlsConfig,
     provider: Arc<CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     current: ArcSwap<Loaded>,
@@ -112,7 +112,9 @@ pub struct TlsState {
 
 impl std::fmt::Debug for TlsState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsState").field("cfg", &self.cfg).finish()
+        f.debug_struct("TlsState")
+            .field("cfg", &self.current.load().cfg)
+            .finish()
     }
 }
 
@@ -122,7 +124,6 @@ impl TlsState {
         let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         let loaded = build(cfg, &provider, &ticketer)?;
         Ok(Self {
-            cfg: cfg.clone(),
             provider,
             ticketer,
             current: ArcSwap::from_pointee(loaded),
@@ -134,19 +135,26 @@ impl TlsState {
     }
 
     pub fn stale_policy(&self) -> StaleCrlPolicy {
-        self.cfg.stale_crl
+        self.current.load().cfg.stale_crl
     }
 
     /// Rebuilds from the files. On error the previous material stays in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let loaded = build(&self.cfg, &self.provider, &self.ticketer)?;
+        let cfg = self.current.load().cfg.clone();
+        self.reload_with(&cfg)
+    }
+
+    /// Builds from `cfg` (a reloaded configuration) and swaps it in. On error nothing changes.
+    pub fn reload_with(&self, cfg: &TlsConfig) -> Result<(), TlsError> {
+        let loaded = build(cfg, &self.provider, &self.ticketer)?;
         self.current.store(Arc::new(loaded));
         Ok(())
     }
 
     /// Rebuilds if any file's modification time changed. Returns whether it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        if mtimes(&self.cfg) == self.current.load().mtimes {
+        let current = self.current.load();
+        if mtimes(&current.cfg) == current.mtimes {
             return Ok(false);
         }
         self.reload()?;
@@ -160,7 +168,7 @@ impl TlsState {
             let when = time::OffsetDateTime::from_unix_timestamp(next_update)
                 .map(|t| t.to_string())
                 .unwrap_or_default();
-            match self.cfg.stale_crl {
+            match current.cfg.stale_crl {
                 StaleCrlPolicy::Refuse => tracing::error!(
                     crl.next_update = %when,
                     "a CRL is past its next update: devices it covers are REFUSED until a fresh CRL is installed (tls.stale_crl = \"refuse\")"
@@ -222,6 +230,7 @@ fn build(
     Ok(Loaded {
         server: Arc::new(server),
         crls,
+        cfg: cfg.clone(),
         mtimes: stamp,
     })
 }

@@ -22,6 +22,7 @@ use crate::admission::routing::Route;
 use crate::admission::upgrade::{self, Parsed, UpgradeRequest};
 use crate::admission::{admit, Admission};
 use crate::audit::{Record, RecordKind};
+use crate::live::Live;
 use crate::model::Device;
 use crate::net::backend::{BackendSocket, DeviceIdentity};
 use crate::wire::Refusal;
@@ -104,11 +105,13 @@ async fn greeting(
 /// Runs the handshake of one connection.
 pub async fn handshake(
     shared: &Shared,
+    live: &Live,
     tcp: TcpStream,
     conn_id: &str,
 ) -> Result<Outcome, HandshakeError> {
     let loaded = shared.tls.current();
-    let timeout = shared.config.handshake_timeout;
+    let runtime = &live.config;
+    let timeout = runtime.handshake_timeout;
     let greeting = tokio::select! {
         // Cancel-safe: nothing has been answered yet; dropping the future drops the
         // half-open connection.
@@ -118,7 +121,7 @@ pub async fn handshake(
             greeting(
                 TlsAcceptor::from(loaded.server.clone()),
                 tcp,
-                shared.config.max_request_header_bytes,
+                runtime.max_request_header_bytes,
             ),
         ) => r.map_err(|_| HandshakeError::TimedOut(timeout))??,
     };
@@ -142,19 +145,16 @@ pub async fn handshake(
     }
 
     let record = shared.registry.lookup(&cert.fingerprint);
-    let decision = {
-        let schemas = shared.schemas.load();
-        admit(Admission {
-            cert: &cert,
-            crls: &loaded.crls,
-            stale_crl: shared.tls.stale_policy(),
-            now: time::OffsetDateTime::now_utc().unix_timestamp(),
-            device: record.as_ref(),
-            offered: &request.protocols,
-            routes: &shared.config.routes,
-            schemas: &schemas,
-        })
-    };
+    let decision = admit(Admission {
+        cert: &cert,
+        crls: &loaded.crls,
+        stale_crl: loaded.cfg.stale_crl,
+        now: time::OffsetDateTime::now_utc().unix_timestamp(),
+        device: record.as_ref(),
+        offered: &request.protocols,
+        routes: &runtime.routes,
+        schemas: &live.schemas,
+    });
     let admitted = match decision {
         Ok(a) => a,
         Err((refusal, device_id)) => {
@@ -203,7 +203,7 @@ pub async fn handshake(
             refuse(&mut tls, &Refusal::ShuttingDown).await?;
             return Ok(Outcome::Refused);
         }
-        r = shared.connector.connect_route(&route, &identity, &request.forward_headers) => r,
+        r = live.connector.connect_route(&route, &identity, &request.forward_headers) => r,
     };
     let (backend, backend_url) = match connected {
         Ok(ok) => ok,
@@ -242,7 +242,7 @@ pub async fn handshake(
         tls,
         leftover,
         Role::Server,
-        Some(crate::net::websocket_config(&shared.config.websocket)),
+        Some(crate::net::websocket_config(&runtime.websocket)),
     )
     .await;
     Ok(Outcome::Upgraded(Box::new(Upgraded {

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,22 +21,22 @@ use tracing::Instrument;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::config::DEFAULT_REJECTION_LOG_LINES_PER_SECOND;
-use crate::net::backend::Connector;
+use crate::live::LiveHandle;
 use crate::net::tls::TlsState;
 use crate::policy::rejections::{LogLimiter, RejectionStats};
-use crate::schema::SchemaSet;
 use crate::storage::{DeadLetterSink, DeviceStore};
 use handshake::{Outcome, Upgraded};
 use steps::{SessionInfo, StepConfig, Validate};
 
 /// Everything sessions share; built once per server.
 pub struct Shared {
+    /// The configuration as started: its startup part is in force; the runtime part in force
+    /// is `live`'s (it changes on reload).
     pub config: Config,
+    pub live: LiveHandle,
     pub tls: Arc<TlsState>,
     pub registry: Arc<dyn DeviceStore>,
-    pub connector: Connector,
     pub shutdown: CancellationToken,
-    pub schemas: Arc<ArcSwap<SchemaSet>>,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
     pub audit: Option<AuditLog>,
@@ -46,9 +45,8 @@ pub struct Shared {
     next_connection: AtomicU64,
 }
 
-/// The frame-validation services sessions use.
+/// The frame services sessions use.
 pub struct FrameServices {
-    pub schemas: Arc<ArcSwap<SchemaSet>>,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
     pub audit: Option<AuditLog>,
@@ -57,9 +55,9 @@ pub struct FrameServices {
 impl Shared {
     pub fn new(
         config: Config,
+        live: LiveHandle,
         tls: Arc<TlsState>,
         registry: Arc<dyn DeviceStore>,
-        connector: Connector,
         frames: FrameServices,
         shutdown: CancellationToken,
     ) -> Self {
@@ -69,11 +67,10 @@ impl Shared {
             .unwrap_or(0);
         Self {
             config,
+            live,
             tls,
             registry,
-            connector,
             shutdown,
-            schemas: frames.schemas,
             rejections: frames.rejections,
             deadletters: frames.deadletters,
             audit: frames.audit,
@@ -89,22 +86,22 @@ impl Shared {
         format!("{:x}-{n:x}", self.boot_id)
     }
 
-    /// The frame steps' settings for a session.
-    fn step_config(&self) -> StepConfig {
-        let audit = self.config.audit.as_ref();
+    /// The frame steps' settings for a session, from the snapshot in force.
+    fn step_config(&self, runtime: &crate::config::RuntimeConfig) -> StepConfig {
+        let commands = &runtime.commands;
         StepConfig {
             stats: self.rejections.clone(),
             log: self.rejection_log.clone(),
             dead_letters: self.deadletters.clone(),
-            dead_letter_payload_bytes: self.config.deadletter.max_payload_bytes,
-            audit: self
-                .audit
-                .clone()
-                .zip(audit)
-                .map(|(log, cfg)| (log, Arc::from(cfg.redact.clone()), cfg.max_payload_bytes)),
-            command_timeout: audit
-                .map(|a| a.command_timeout)
-                .unwrap_or(crate::config::DEFAULT_COMMAND_TIMEOUT),
+            dead_letter_payload_bytes: runtime.dead_letter_payload_bytes,
+            audit: self.audit.clone().map(|log| {
+                (
+                    log,
+                    Arc::from(commands.redact.clone()),
+                    commands.max_payload_bytes,
+                )
+            }),
+            command_timeout: commands.timeout,
             max_open_commands: crate::config::DEFAULT_MAX_OPEN_COMMANDS,
         }
     }
@@ -117,7 +114,9 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     async move {
         let started = tokio::time::Instant::now();
         let _ = tcp.set_nodelay(true);
-        let upgraded = match handshake::handshake(&shared, tcp, &conn_id).await {
+        // One snapshot of the runtime configuration for the whole handshake and session setup.
+        let live = shared.live.load_full();
+        let upgraded = match handshake::handshake(&shared, &live, tcp, &conn_id).await {
             Ok(Outcome::Upgraded(u)) => u,
             Ok(Outcome::Refused) => return,
             Err(e) => {
@@ -143,16 +142,18 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let mut chain = steps::chain(
             info.clone(),
             Validate {
-                schemas: shared.schemas.clone(),
-                limits: shared.config.limits,
+                live: shared.live.clone(),
+                limits: live.config.limits,
             },
-            shared.step_config(),
+            shared.step_config(&live.config),
         );
+        let close_timeout = live.config.close_timeout;
+        drop(live);
         let (end, stats) = relay::relay(
             &mut device_ws,
             &mut backend,
             &shared.shutdown,
-            shared.config.close_timeout,
+            close_timeout,
             &mut chain,
         )
         .await;

@@ -24,7 +24,6 @@ use crate::model::sha256_hex;
 use crate::policy::commands::OpenCommands;
 use crate::policy::rejections::{LogDecision, LogLimiter, RejectionStats};
 use crate::policy::{self, Direction, InvalidFrameLimit};
-use crate::schema::SchemaSet;
 use crate::storage::DeadLetterSink;
 use crate::wire::SessionEnd;
 
@@ -81,9 +80,10 @@ pub trait FrameStep: Send {
     fn finish(&mut self, _end: &SessionEnd) {}
 }
 
-/// Decodes and validates each frame against the device type's schema.
+/// Decodes and validates each frame against the device type's schema, in the runtime
+/// snapshot in force when the frame arrives (a schema reload applies to open sessions).
 pub struct Validate {
-    pub schemas: Arc<arc_swap::ArcSwap<SchemaSet>>,
+    pub live: crate::live::LiveHandle,
     pub limits: DecodeLimits,
 }
 
@@ -480,9 +480,9 @@ impl Inspector for Chain {
     fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
         let frame = frame_of(msg);
         let checked = {
-            let schemas = self.validate.schemas.load();
+            let live = self.validate.live.load();
             policy::check_frame(
-                &schemas,
+                &live.schemas,
                 &self.info.device_type,
                 self.info.route.kind,
                 direction,

@@ -139,7 +139,32 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
     assert_eq!(end, SessionEnd::Shutdown);
 }
 
-fn schemas() -> Arc<arc_swap::ArcSwap<SchemaSet>> {
+/// A runtime snapshot with these schemas (the configuration is a minimal valid one; nothing
+/// in it is read from disk).
+fn live(schemas: SchemaSet) -> crate::live::LiveHandle {
+    let file: crate::config::FileConfig = toml::from_str(
+        r#"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+        [registry]
+        path = "registry"
+        [[route]]
+        subprotocol = "telemetry.v1"
+        kind = "telemetry"
+        device_types = ["env-sensor"]
+        backends = ["ws://127.0.0.1:1/"]
+        "#,
+    )
+    .unwrap();
+    let config = crate::config::Config::from_file(file, std::path::Path::new("/")).unwrap();
+    Arc::new(arc_swap::ArcSwap::from_pointee(
+        crate::live::Live::build(config.runtime, schemas).unwrap(),
+    ))
+}
+
+fn schemas() -> SchemaSet {
     let mut set = SchemaSet::default();
     let reading = br#"{"type":"object","required":["t"],"properties":{"t":{"type":"number"}}}"#;
     set.add("env-sensor", SchemaKind::Telemetry, "t".as_ref(), reading)
@@ -147,7 +172,7 @@ fn schemas() -> Arc<arc_swap::ArcSwap<SchemaSet>> {
     let command = br#"{"type":"object","required":["id","command"]}"#;
     set.add("door-lock", SchemaKind::Command, "c".as_ref(), command)
         .unwrap();
-    Arc::new(arc_swap::ArcSwap::from_pointee(set))
+    set
 }
 
 fn info(subprotocol: &str, kind: &str, device_type: &str, rules: FrameRules) -> Arc<SessionInfo> {
@@ -191,7 +216,7 @@ fn chain(info: Arc<SessionInfo>, cfg: StepConfig) -> Chain {
     steps::chain(
         info,
         Validate {
-            schemas: schemas(),
+            live: live(schemas()),
             limits: DecodeLimits { max_depth: 16 },
         },
         cfg,

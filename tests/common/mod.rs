@@ -304,7 +304,8 @@ pub struct Gateway {
     pub registry: Arc<dyn DeviceStore>,
     pub tls: Arc<gatehouse::net::tls::TlsState>,
     pub deadletters: Arc<dyn gatehouse::storage::DeadLetterStore>,
-    pub schemas: Arc<arc_swap::ArcSwap<gatehouse::schema::SchemaSet>>,
+    /// The runtime snapshot in force (configuration, schemas), swapped on reload.
+    pub live: gatehouse::live::LiveHandle,
     pub audit: Option<gatehouse::audit::AuditLog>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -441,7 +442,7 @@ impl Gateway {
         let registry = server.registry();
         let tls = server.tls();
         let deadletters = server.deadletters();
-        let schemas = server.schemas();
+        let live = server.live();
         let audit = server.audit();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -460,7 +461,7 @@ impl Gateway {
             registry,
             tls,
             deadletters,
-            schemas,
+            live,
             audit,
             shutdown,
             task,
