@@ -20,37 +20,31 @@ fn setup() -> (tempfile::TempDir, String) {
         .unwrap();
     pki.issue_fleet("env-sensor", 3, "s").unwrap();
     std::fs::write(tmp.path().join("admin.token"), "cli-test-token-0123456789").unwrap();
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace_ms = 2000
-[tls]
-cert = "pki/server.pem"
-key = "pki/server.key"
-client_ca = "pki/ca.pem"
-crl = ["pki/crl.pem"]
-[registry]
-path = "registry"
-[schemas]
-dir = {schemas:?}
-[admin]
-listen = "127.0.0.1:{}"
-token_file = "admin.token"
-[[route]]
-subprotocol = "telemetry.v1"
-kind = "telemetry"
-device_types = ["env-sensor"]
-backends = ["ws://127.0.0.1:9/"]
-"#,
-        // A port nothing listens on: the CLI must fall back to the database.
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"),
-    );
+    // A port nothing listens on: the CLI must fall back to the database.
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = gatehouse::config::template::Template {
+        listen: "127.0.0.1:0".into(),
+        server: vec!["shutdown_grace_ms = 2000".into()],
+        pki_dir: "pki".into(),
+        registry: "registry".into(),
+        schemas_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .to_string_lossy()
+            .into_owned(),
+        admin: Some((format!("127.0.0.1:{admin_port}"), "admin.token".into())),
+        audit: None,
+        routes: vec![gatehouse::config::template::TemplateRoute {
+            subprotocol: "telemetry.v1".into(),
+            kind: "telemetry".into(),
+            device_types: vec!["env-sensor".into()],
+            backends: vec!["ws://127.0.0.1:9/".into()],
+        }],
+    }
+    .render();
     let path = tmp.path().join("gatehouse.toml");
     std::fs::write(&path, config).unwrap();
     let path = path.to_str().unwrap().to_string();

@@ -26,25 +26,8 @@ GW_PORT=$(free_port); INGEST_PORT=$(free_port)
 $B/gatehouse-pki init --dir "$W/pki" >/dev/null
 $B/gatehouse-pki server --dir "$W/pki" --dns localhost --ip 127.0.0.1 >/dev/null
 $B/gatehouse-pki fleet --dir "$W/pki" --type env-sensor --count "$N" --prefix s
-cat > "$W/gatehouse.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW_PORT"
-max_connections = 9500
-[tls]
-cert = "pki/server.pem"
-key = "pki/server.key"
-client_ca = "pki/ca.pem"
-crl = ["pki/crl.pem"]
-[registry]
-path = "registry"
-[schemas]
-dir = "$PWD/schemas"
-[[route]]
-subprotocol = "telemetry.v1"
-kind = "telemetry"
-device_types = ["env-sensor"]
-backends = ["ws://127.0.0.1:$INGEST_PORT/ingest"]
-TOML
+$B/gatehouse-sim config --listen 127.0.0.1:$GW_PORT --max-connections 9500 \
+  --schemas "$PWD/schemas" --backend "ws://127.0.0.1:$INGEST_PORT/ingest" > "$W/gatehouse.toml"
 $B/gatehouse devices --config "$W/gatehouse.toml" enroll --manifest "$W/pki/fleet-s.json"
 
 $B/gatehouse-sim ingest --listen 127.0.0.1:$INGEST_PORT > "$W/ingest.log" &

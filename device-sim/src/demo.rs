@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gatehouse::config::template::{Template, TemplateRoute};
 use gatehouse::model::{DeviceStatus, Enrollment};
 use gatehouse_pki::{DeviceCertOptions, PkiDir};
 use tokio::net::TcpListener;
@@ -217,43 +218,37 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         std::fs::create_dir_all(dir.join("schemas").join(device_type))?;
         std::fs::write(dir.join("schemas").join(device_type).join(file), text)?;
     }
-    let config_text = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-shutdown_grace_ms = 3000
-
-[tls]
-cert = "pki/server.pem"
-key = "pki/server.key"
-client_ca = "pki/ca.pem"
-crl = ["pki/crl.pem"]
-
-[registry]
-path = "registry"
-
-[schemas]
-dir = "schemas"
-
-[audit]
-dir = "audit"
-signing_key = "pki/audit.key"
-public_key = "pki/audit.pub"
-checkpoint_interval_ms = 1000
-command_timeout_ms = 5000
-
-[[route]]
-subprotocol = "telemetry.v1"
-kind = "telemetry"
-device_types = ["env-sensor", "door-lock"]
-backends = ["{ingest_url}"]
-
-[[route]]
-subprotocol = "control.v1"
-kind = "control"
-device_types = ["door-lock"]
-backends = ["{control_url}"]
-"#
-    );
+    let route = |subprotocol: &str, kind: &str, types: &[&str], backend: &str| TemplateRoute {
+        subprotocol: subprotocol.into(),
+        kind: kind.into(),
+        device_types: types.iter().map(|t| t.to_string()).collect(),
+        backends: vec![backend.to_string()],
+    };
+    let config_text = Template {
+        listen: "127.0.0.1:0".into(),
+        server: vec!["shutdown_grace_ms = 3000".into()],
+        pki_dir: "pki".into(),
+        registry: "registry".into(),
+        schemas_dir: "schemas".into(),
+        admin: None,
+        audit: Some((
+            "audit".into(),
+            vec![
+                "checkpoint_interval_ms = 1000".into(),
+                "command_timeout_ms = 5000".into(),
+            ],
+        )),
+        routes: vec![
+            route(
+                "telemetry.v1",
+                "telemetry",
+                &["env-sensor", "door-lock"],
+                &ingest_url,
+            ),
+            route("control.v1", "control", &["door-lock"], &control_url),
+        ],
+    }
+    .render();
     let config_path = dir.join("gatehouse.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = gatehouse::Config::load(&config_path)?;

@@ -89,6 +89,27 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
     },
+    /// Print a gateway configuration for a gatehouse-pki directory and one telemetry route
+    /// (what the benchmark scripts run with).
+    Config {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The gatehouse-pki directory (relative to where the file will be, or absolute).
+        #[arg(long, default_value = "pki")]
+        pki: String,
+        #[arg(long, default_value = "registry")]
+        registry: String,
+        #[arg(long)]
+        schemas: String,
+        /// Backend URL of the telemetry.v1 route (repeatable).
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+        /// Device types allowed on the route.
+        #[arg(long = "type", default_value = "env-sensor")]
+        device_types: Vec<String>,
+        #[arg(long)]
+        max_connections: Option<usize>,
+    },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
         #[arg(long, default_value = "127.0.0.1:9001")]
@@ -218,6 +239,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await;
             report.print();
+            Ok(())
+        }
+        Command::Config {
+            listen,
+            pki,
+            registry,
+            schemas,
+            backends,
+            device_types,
+            max_connections,
+        } => {
+            let template = gatehouse::config::template::Template {
+                listen: listen.to_string(),
+                server: max_connections
+                    .map(|n| format!("max_connections = {n}"))
+                    .into_iter()
+                    .collect(),
+                pki_dir: pki,
+                registry,
+                schemas_dir: schemas,
+                admin: None,
+                audit: None,
+                routes: vec![gatehouse::config::template::TemplateRoute {
+                    subprotocol: "telemetry.v1".into(),
+                    kind: "telemetry".into(),
+                    device_types,
+                    backends,
+                }],
+            };
+            print!("{}", template.render());
             Ok(())
         }
         Command::Ingest { listen } => backend(listen, Kind::Ingest, "ingest").await,

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 pub mod defaults;
 pub mod schemas;
+pub mod template;
 
 pub use defaults::*;
 
