@@ -147,17 +147,20 @@ async fn faulty_sensor(
     Ok(Faulty { exchanges })
 }
 
-pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
-    let work = tempfile::Builder::new()
-        .prefix("gatehouse-demo-")
-        .tempdir()?;
-    let dir = work.path().to_path_buf();
-    println!("Gatehouse demo in {}", dir.display());
+/// The demo's certificates: a CA, the gateway's, both fleets and three outsiders.
+struct Pki {
+    dir: PkiDir,
+    sensors: gatehouse_pki::Manifest,
+    locks: gatehouse_pki::Manifest,
+    stolen: gatehouse_pki::ManifestEntry,
+    retired: gatehouse_pki::ManifestEntry,
+}
 
-    // 1. PKI.
+/// [1] A CA, the server certificate, both fleets, the intruder, the stolen lock (revoked in
+/// the CRL), the retired sensor, and the audit key.
+fn issue_pki(dir: &std::path::Path, options: &DemoOptions) -> anyhow::Result<Pki> {
     let started = Instant::now();
-    let pki_dir = dir.join("pki");
-    let mut pki = PkiDir::init(&pki_dir, false)?;
+    let mut pki = PkiDir::init(dir, false)?;
     pki.issue_server(&["localhost".into()], &["127.0.0.1".parse::<IpAddr>()?])?;
     let (sensors, _) = pki.issue_fleet("env-sensor", options.sensors, "sensor")?;
     let (locks, _) = pki.issue_fleet("door-lock", options.locks, "lock")?;
@@ -187,33 +190,76 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         locks.devices.len(),
         started.elapsed()
     );
+    Ok(Pki {
+        dir: pki,
+        sensors,
+        locks,
+        stolen,
+        retired,
+    })
+}
 
-    // 2. Sample backends.
-    let shutdown = CancellationToken::new();
-    let backends_stop = CancellationToken::new();
+/// The sample backends and what they saw.
+struct Backends {
+    ingest_url: String,
+    control_url: String,
+    ingest_stats: Arc<BackendStats>,
+    control_stats: Arc<BackendStats>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// [2] The ingest and control backends on free loopback ports.
+async fn start_backends() -> anyhow::Result<Backends> {
+    let stop = CancellationToken::new();
     let ingest_stats = Arc::new(BackendStats::default());
     let control_stats = Arc::new(BackendStats::default());
     let ingest_listener = TcpListener::bind("127.0.0.1:0").await?;
     let control_listener = TcpListener::bind("127.0.0.1:0").await?;
     let ingest_url = format!("ws://{}/ingest", ingest_listener.local_addr()?);
     let control_url = format!("ws://{}/control", control_listener.local_addr()?);
-    let ingest_task = tokio::spawn(backends::serve(
-        ingest_listener,
-        Kind::Ingest,
-        ingest_stats.clone(),
-        backends_stop.clone(),
-    ));
-    let control_task = tokio::spawn(backends::serve(
-        control_listener,
-        Kind::Control {
-            interval: Duration::from_millis(500),
-        },
-        control_stats.clone(),
-        backends_stop.clone(),
-    ));
+    let tasks = vec![
+        tokio::spawn(backends::serve(
+            ingest_listener,
+            Kind::Ingest,
+            ingest_stats.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(backends::serve(
+            control_listener,
+            Kind::Control {
+                interval: Duration::from_millis(500),
+            },
+            control_stats.clone(),
+            stop.clone(),
+        )),
+    ];
     println!("[2] backends: ingest {ingest_url}, control {control_url}");
+    Ok(Backends {
+        ingest_url,
+        control_url,
+        ingest_stats,
+        control_stats,
+        stop,
+        tasks,
+    })
+}
 
-    // 3. Gateway config, registry, gateway.
+/// The running gateway.
+struct Gateway {
+    addr: std::net::SocketAddr,
+    dead_letters: Arc<dyn gatehouse::storage::DeadLetterStore>,
+    task: tokio::task::JoinHandle<Result<(), gatehouse::server::ServerError>>,
+}
+
+/// [3] The schemas, the configuration (from the shared template), the registry with both
+/// fleets enrolled and the retired sensor revoked, and the gateway serving.
+async fn start_gateway(
+    dir: &std::path::Path,
+    pki: &Pki,
+    backends: &Backends,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Gateway> {
     for (device_type, file, text) in SCHEMAS {
         std::fs::create_dir_all(dir.join("schemas").join(device_type))?;
         std::fs::write(dir.join("schemas").join(device_type).join(file), text)?;
@@ -243,9 +289,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
                 "telemetry.v1",
                 "telemetry",
                 &["env-sensor", "door-lock"],
-                &ingest_url,
+                &backends.ingest_url,
             ),
-            route("control.v1", "control", &["door-lock"], &control_url),
+            route(
+                "control.v1",
+                "control",
+                &["door-lock"],
+                &backends.control_url,
+            ),
         ],
     }
     .render();
@@ -254,29 +305,39 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     let config = gatehouse::Config::load(&config_path)?;
     let server = gatehouse::Server::new(config, shutdown.clone())?;
     let registry = server.registry();
-    let deadletter_store = server.deadletters();
-    let mut all: Vec<Enrollment> = sensors
+    let dead_letters = server.deadletters();
+    let mut all: Vec<Enrollment> = pki
+        .sensors
         .devices
         .iter()
-        .chain(locks.devices.iter())
+        .chain(pki.locks.devices.iter())
         .map(enrollment)
         .collect();
-    all.push(enrollment(&stolen));
-    all.push(enrollment(&retired));
+    all.push(enrollment(&pki.stolen));
+    all.push(enrollment(&pki.retired));
     registry.enroll_many(all)?;
     registry.set_status("retired-sensor", DeviceStatus::Revoked)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let gateway = tokio::spawn(server.serve(listener, None));
+    let task = tokio::spawn(server.serve(listener, None));
     println!(
         "[3] gateway: wss://localhost:{} with {} enrolled devices (retired-sensor revoked in the registry; intruder never enrolled)",
         addr.port(),
         registry.len()
     );
+    Ok(Gateway {
+        addr,
+        dead_letters,
+        task,
+    })
+}
 
-    // 4. What the gateway refuses.
-    let target = Target::parse(&format!("wss://localhost:{}/", addr.port()))?;
-    let roots = device::roots(&pki_dir.join(PkiDir::CA_CERT))?;
+/// [4] What the gateway refuses, one probe each.
+async fn probe_refusals(
+    target: &Target,
+    roots: &Arc<rustls::RootCertStore>,
+    pki: &PkiDir,
+) -> anyhow::Result<Vec<(String, Option<device::Refused>)>> {
     println!("[4] refusals:");
     let mut refusals = Vec::new();
     let probes = [
@@ -297,7 +358,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         let cert = std::fs::read(pki.device_cert_path(id))?;
         let key = std::fs::read(pki.device_key_path(id))?;
         let config = device::client_config(roots.clone(), &cert, &key)?;
-        let result = device::connect(&target, config, proto, None, Duration::from_secs(5)).await;
+        let result = device::connect(target, config, proto, None, Duration::from_secs(5)).await;
         let verdict = match &result {
             Ok(_) => "ADMITTED (unexpected)".to_string(),
             Err(refused) => format!("refused: {refused}"),
@@ -305,17 +366,25 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         println!("    {id:<16} {what:<44} -> {verdict}");
         refusals.push((id.to_string(), result.err().clone()));
     }
+    Ok(refusals)
+}
 
-    // 5. A faulty sensor: what invalid frames get.
+/// [5] A faulty sensor: what its invalid frames get back, and the dead letters stored.
+async fn show_faulty_sensor(
+    target: &Target,
+    roots: &Arc<rustls::RootCertStore>,
+    pki: &PkiDir,
+    dead_letters: &Arc<dyn gatehouse::storage::DeadLetterStore>,
+) -> anyhow::Result<(Faulty, usize)> {
     println!("[5] a faulty sensor (sensor-00001) sends three invalid frames and one valid one:");
-    let faulty = faulty_sensor(&target, &roots, &pki).await?;
+    let faulty = faulty_sensor(target, roots, pki).await?;
     for (sent, got) in &faulty.exchanges {
         println!("    sent {sent}");
         println!("      -> {got}");
     }
-    let mut stored = deadletter_store.stored();
+    let mut stored = dead_letters.stored();
     let _ = tokio::time::timeout(Duration::from_secs(5), stored.wait_for(|n| *n >= 3)).await;
-    let letters = deadletter_store.list("sensor-00001")?;
+    let letters = dead_letters.list("sensor-00001")?;
     println!("    dead-letter store for sensor-00001 (`gatehouse deadletters sensor-00001`):");
     for l in &letters {
         println!(
@@ -323,8 +392,71 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
             l.seq, l.encoding, l.code, l.pointer, l.message
         );
     }
+    Ok((faulty, letters.len()))
+}
 
-    // 6. The fleet.
+/// [9] One lock's audit log, and verification of every device log with the public key.
+fn show_audit(
+    audit_dir: &std::path::Path,
+    public_key: &std::path::Path,
+) -> anyhow::Result<(Vec<gatehouse::audit::Record>, gatehouse::audit::DirVerdict)> {
+    let lock_log = gatehouse::audit::read_device(audit_dir, "lock-00001")?
+        .records
+        .remove("lock-00001")
+        .unwrap_or_default();
+    println!(
+        "[9] audit log of lock-00001 (`gatehouse audit show lock-00001`), {} records, last 8:",
+        lock_log.len()
+    );
+    for r in lock_log.iter().rev().take(8).rev() {
+        let id = r
+            .command_id
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let what = match (&r.verdict, r.rtt_us, &r.detail) {
+            (Some(v), Some(rtt), _) => format!("verdict {v}, {:.1} ms", rtt as f64 / 1000.0),
+            (_, _, Some(d)) => d.clone(),
+            _ => r.payload.clone().unwrap_or_default(),
+        };
+        println!(
+            "    #{:<4} {:<18} {:<6} {}",
+            r.seq,
+            r.kind.as_str(),
+            id,
+            what
+        );
+    }
+    let public = gatehouse::audit::load_public_key(public_key)?;
+    let verdict = gatehouse::audit::verify_dir(audit_dir, &public, None)?;
+    println!(
+        "    `gatehouse audit verify --all`: {} device logs intact, {} failures ({} records in all, every chain signed up to its last record: {})",
+        verdict.verified.len(),
+        verdict.failures.len(),
+        verdict.verified.iter().map(|v| v.records).sum::<u64>(),
+        verdict.verified.iter().all(|v| v.unsigned_tail == 0)
+    );
+    Ok((lock_log, verdict))
+}
+
+pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
+    let work = tempfile::Builder::new()
+        .prefix("gatehouse-demo-")
+        .tempdir()?;
+    let dir = work.path().to_path_buf();
+    println!("Gatehouse demo in {}", dir.display());
+    let pki_dir = dir.join("pki");
+    let pki = issue_pki(&pki_dir, &options)?;
+    let backends = start_backends().await?;
+    let shutdown = CancellationToken::new();
+    let gateway = start_gateway(&dir, &pki, &backends, &shutdown).await?;
+    let target = Target::parse(&format!("wss://localhost:{}/", gateway.addr.port()))?;
+    let roots = device::roots(&pki_dir.join(PkiDir::CA_CERT))?;
+    let refusals = probe_refusals(&target, &roots, &pki.dir).await?;
+    let (faulty, dead_letters) =
+        show_faulty_sensor(&target, &roots, &pki.dir, &gateway.dead_letters).await?;
+
+    // [6] The fleet.
     println!(
         "[6] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
         options.sensors, options.rate_hz, options.locks, options.duration
@@ -354,63 +486,25 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     sensor_report.print_indented("    ");
     lock_report.print_indented("    ");
 
-    // 6. What the backends saw.
-    println!("[7] {}", ingest_stats.summary("ingest backend"));
-    println!("    {}", control_stats.summary("control backend"));
-    let delivered = ingest_stats.frames.load(Ordering::Relaxed);
+    // [7] What the backends saw.
+    println!("[7] {}", backends.ingest_stats.summary("ingest backend"));
+    println!("    {}", backends.control_stats.summary("control backend"));
+    let delivered = backends.ingest_stats.frames.load(Ordering::Relaxed);
     println!(
         "    telemetry: {} sent by sensors, {} received by the ingest backend",
         sensor_report.frames_sent, delivered
     );
 
-    // 7. Shutdown.
+    // [8] Shutdown.
     shutdown.cancel();
-    gateway.await??;
-    backends_stop.cancel();
-    let _ = ingest_task.await;
-    let _ = control_task.await;
+    gateway.task.await??;
+    backends.stop.cancel();
+    for task in backends.tasks {
+        let _ = task.await;
+    }
     println!("[8] gateway stopped cleanly (sessions closed with 1001, audit log synced and signed, registry flushed)");
 
-    // 9. One lock's audit log, and verification with only the public key.
-    let audit_dir = dir.join("audit");
-    let contents = gatehouse::audit::read(&audit_dir)?;
-    let lock_log = contents
-        .records
-        .get("lock-00001")
-        .cloned()
-        .unwrap_or_default();
-    println!(
-        "[9] audit log of lock-00001 (`gatehouse audit show lock-00001`), {} records, last 8:",
-        lock_log.len()
-    );
-    for r in lock_log.iter().rev().take(8).rev() {
-        let id = r
-            .command_id
-            .as_ref()
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        let what = match (&r.verdict, r.rtt_us, &r.detail) {
-            (Some(v), Some(rtt), _) => format!("verdict {v}, {:.1} ms", rtt as f64 / 1000.0),
-            (_, _, Some(d)) => d.clone(),
-            _ => r.payload.clone().unwrap_or_default(),
-        };
-        println!(
-            "    #{:<4} {:<18} {:<6} {}",
-            r.seq,
-            r.kind.as_str(),
-            id,
-            what
-        );
-    }
-    let public = gatehouse::audit::load_public_key(&pki_dir.join(PkiDir::AUDIT_PUB))?;
-    let verdict = gatehouse::audit::verify_dir(&audit_dir, &public, None)?;
-    println!(
-        "    `gatehouse audit verify --all`: {} device logs intact, {} failures ({} records in all, every chain signed up to its last record: {})",
-        verdict.verified.len(),
-        verdict.failures.len(),
-        verdict.verified.iter().map(|v| v.records).sum::<u64>(),
-        verdict.verified.iter().all(|v| v.unsigned_tail == 0)
-    );
+    let (lock_log, verdict) = show_audit(&dir.join("audit"), &pki_dir.join(PkiDir::AUDIT_PUB))?;
     if options.keep {
         let kept = work.keep();
         println!("    work directory kept: {}", kept.display());
@@ -432,9 +526,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
             .iter()
             .map(|(_, got)| got.clone())
             .collect(),
-        dead_letters: letters.len(),
-        commands_sent: control_stats.commands_sent.load(Ordering::Relaxed),
+        dead_letters,
+        commands_sent: backends.control_stats.commands_sent.load(Ordering::Relaxed),
         commands_answered: lock_report.commands_answered,
-        responses_delivered: control_stats.responses.load(Ordering::Relaxed),
+        responses_delivered: backends.control_stats.responses.load(Ordering::Relaxed),
     })
 }

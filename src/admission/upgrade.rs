@@ -71,6 +71,89 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What the headers of an upgrade request say, before the checks.
+#[derive(Default)]
+struct Headers<'b> {
+    host: bool,
+    upgrade: bool,
+    connection_upgrade: bool,
+    version: Option<&'b [u8]>,
+    key: Option<&'b [u8]>,
+    protocols: Vec<String>,
+    forward_headers: Vec<(String, Vec<u8>)>,
+    dropped_identity_headers: usize,
+}
+
+impl<'b> Headers<'b> {
+    /// Reads every header once: the handshake's own, the offered subprotocols, and what is
+    /// passed on to the backend.
+    fn scan(headers: &[httparse::Header<'b>]) -> Result<Self, Refusal> {
+        let mut out = Headers::default();
+        for h in headers {
+            let name = h.name.to_ascii_lowercase();
+            match name.as_str() {
+                "host" => out.host = true,
+                "upgrade" => out.upgrade |= has_token(h.value, "websocket"),
+                "connection" => out.connection_upgrade |= has_token(h.value, "upgrade"),
+                "sec-websocket-version" => out.version = Some(h.value),
+                "sec-websocket-key" => {
+                    if out.key.is_some() {
+                        return Err(Refusal::BadRequest("repeated Sec-WebSocket-Key"));
+                    }
+                    out.key = Some(h.value)
+                }
+                "sec-websocket-protocol" => out.add_protocols(h.value)?,
+                _ => {}
+            }
+            if name.starts_with(IDENTITY_HEADER_PREFIX) {
+                out.dropped_identity_headers += 1;
+            } else if !HOP_HEADERS.contains(&name.as_str()) {
+                out.forward_headers.push((name, h.value.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_protocols(&mut self, value: &[u8]) -> Result<(), Refusal> {
+        let value = std::str::from_utf8(value)
+            .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Protocol is not text"))?;
+        for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !is_token(p) {
+                return Err(Refusal::BadRequest(
+                    "Sec-WebSocket-Protocol is not a list of tokens",
+                ));
+            }
+            self.protocols.push(p.to_string());
+        }
+        Ok(())
+    }
+
+    /// RFC 6455 section 4.2.1: an upgrade to WebSocket 13 with a Host and a 16-byte key.
+    fn key(&self) -> Result<String, Refusal> {
+        if !self.upgrade || !self.connection_upgrade {
+            return Err(Refusal::UpgradeRequired);
+        }
+        if self.version != Some(b"13".as_slice()) {
+            return Err(Refusal::UpgradeRequired);
+        }
+        if !self.host {
+            return Err(Refusal::BadRequest("missing Host header"));
+        }
+        let key = self
+            .key
+            .ok_or(Refusal::BadRequest("missing Sec-WebSocket-Key"))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Key is not base64"))?;
+        if decoded.len() != 16 {
+            return Err(Refusal::BadRequest(
+                "Sec-WebSocket-Key must encode 16 bytes",
+            ));
+        }
+        Ok(String::from_utf8_lossy(key).into_owned())
+    }
+}
+
 /// Parses the request at the start of `buf`. `max_bytes` bounds the request head.
 pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -97,74 +180,15 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
         return Err(Refusal::BadRequest("HTTP/1.1 is required"));
     }
     let path = req.path.unwrap_or("/").to_string();
-
-    let mut host = false;
-    let mut upgrade = false;
-    let mut connection_upgrade = false;
-    let mut version = None;
-    let mut key = None;
-    let mut protocols = Vec::new();
-    let mut forward_headers = Vec::new();
-    let mut dropped_identity_headers = 0;
-    for h in req.headers.iter() {
-        let name = h.name.to_ascii_lowercase();
-        match name.as_str() {
-            "host" => host = true,
-            "upgrade" => upgrade |= has_token(h.value, "websocket"),
-            "connection" => connection_upgrade |= has_token(h.value, "upgrade"),
-            "sec-websocket-version" => version = Some(h.value),
-            "sec-websocket-key" => {
-                if key.is_some() {
-                    return Err(Refusal::BadRequest("repeated Sec-WebSocket-Key"));
-                }
-                key = Some(h.value)
-            }
-            "sec-websocket-protocol" => {
-                let value = std::str::from_utf8(h.value)
-                    .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Protocol is not text"))?;
-                for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    if !is_token(p) {
-                        return Err(Refusal::BadRequest(
-                            "Sec-WebSocket-Protocol is not a list of tokens",
-                        ));
-                    }
-                    protocols.push(p.to_string());
-                }
-            }
-            _ => {}
-        }
-        if name.starts_with(IDENTITY_HEADER_PREFIX) {
-            dropped_identity_headers += 1;
-        } else if !HOP_HEADERS.contains(&name.as_str()) {
-            forward_headers.push((name, h.value.to_vec()));
-        }
-    }
-    if !upgrade || !connection_upgrade {
-        return Err(Refusal::UpgradeRequired);
-    }
-    if version != Some(b"13".as_slice()) {
-        return Err(Refusal::UpgradeRequired);
-    }
-    if !host {
-        return Err(Refusal::BadRequest("missing Host header"));
-    }
-    let key = key.ok_or(Refusal::BadRequest("missing Sec-WebSocket-Key"))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .map_err(|_| Refusal::BadRequest("Sec-WebSocket-Key is not base64"))?;
-    if decoded.len() != 16 {
-        return Err(Refusal::BadRequest(
-            "Sec-WebSocket-Key must encode 16 bytes",
-        ));
-    }
-    let key = String::from_utf8_lossy(key).into_owned();
+    let headers = Headers::scan(req.headers)?;
+    let key = headers.key()?;
     Ok(Parsed::Complete(
         UpgradeRequest {
             path,
             key,
-            protocols,
-            forward_headers,
-            dropped_identity_headers,
+            protocols: headers.protocols,
+            forward_headers: headers.forward_headers,
+            dropped_identity_headers: headers.dropped_identity_headers,
         },
         consumed,
     ))
