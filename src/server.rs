@@ -53,6 +53,8 @@ pub struct Server {
     tracker: TaskTracker,
     deadletter_store: Arc<dyn DeadLetterStore>,
     deadletter_writer: Option<BoxFuture>,
+    /// The embedded audit log (its fault injection is for tests and drills).
+    audit_log: Option<AuditLog>,
     audit_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -111,8 +113,9 @@ impl Server {
                 (Some(log), Some(thread))
             }
         };
+        let audit_log = audit.clone();
         let frames = FrameServices {
-            audit,
+            audit: audit.map(|log| Arc::new(log) as Arc<dyn crate::audit::AuditStore>),
             rejections: Arc::new(RejectionStats::default()),
             deadletters,
         };
@@ -129,6 +132,7 @@ impl Server {
             tracker: TaskTracker::new(),
             deadletter_store,
             deadletter_writer: Some(Box::pin(writer)),
+            audit_log,
             audit_thread,
         })
     }
@@ -144,7 +148,7 @@ impl Server {
 
     /// The audit log handle, when `[audit]` is configured.
     pub fn audit(&self) -> Option<AuditLog> {
-        self.shared.audit.clone()
+        self.audit_log.clone()
     }
 
     pub fn deadletters(&self) -> Arc<dyn DeadLetterStore> {

@@ -24,15 +24,11 @@ async fn the_backend_connection_has_its_own_deadline() {
     options.backend_connect_timeout_ms = 300;
     let gw = Gateway::start(options).await;
     let sensor = gw.enroll("s1", "env-sensor");
-    match gw.connect(Some(&sensor), &["telemetry.v1"]).await {
-        Err(ConnectError::Http {
-            status, refusal, ..
-        }) => {
-            assert_eq!(status, 502);
-            assert_eq!(refusal.as_deref(), Some("backend-unavailable"));
-        }
-        other => panic!("expected 502, got {other:?}"),
-    }
+    assert_refused(
+        gw.connect(Some(&sensor), &["telemetry.v1"]).await,
+        502,
+        "backend-unavailable",
+    );
     gw.stop().await;
 }
 
@@ -51,15 +47,7 @@ async fn a_connection_waiting_on_its_backend_at_shutdown_gets_a_whole_503() {
     // The gateway has connected to the black hole: it is waiting on the backend now.
     let _backend_socket = within(held.recv()).await.unwrap();
     gw.shutdown.cancel();
-    match within(device).await.unwrap() {
-        Err(ConnectError::Http {
-            status, refusal, ..
-        }) => {
-            assert_eq!(status, 503);
-            assert_eq!(refusal.as_deref(), Some("shutting-down"));
-        }
-        other => panic!("expected 503, got {other:?}"),
-    }
+    assert_refused(within(device).await.unwrap(), 503, "shutting-down");
     within(gw.task).await.unwrap();
 }
 

@@ -1,13 +1,16 @@
 //! The per-device command audit log: the record format, hash chain, checkpoints and
 //! verification ([`record`], pure), the writer thread that appends segment files with group
 //! commit ([`writer`]), and reading, verifying and exporting the files ([`reader`]). The
-//! sessions see the log through [`AuditSink`]; docs/audit.md describes the scheme.
+//! sessions and the server see the log through [`AuditStore`], so a replicated log is a
+//! second implementation; docs/audit.md describes the scheme.
 
 pub mod reader;
 pub mod record;
 pub mod writer;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 pub use reader::{
     export, load_public_key, load_signing_key, read, read_device, verify_dir, verify_export,
@@ -31,4 +34,26 @@ pub enum AuditError {
     Stopped,
     #[error("audit signing key {0}: {1}")]
     Key(PathBuf, String),
+}
+
+/// A future an [`AuditStore`] answers with.
+pub type AuditFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Where the command audit log is written. The embedded implementation is [`AuditLog`]
+/// (segment files, one writer thread); every method returns at once or as a future, never
+/// blocking a session.
+pub trait AuditStore: Send + Sync + std::fmt::Debug {
+    /// Queues a record for the device's chain (sealed by the store); on disk shortly.
+    fn record(&self, record: Record);
+    /// Writes a record and resolves once it is durable: what a command waits for before it
+    /// is forwarded.
+    fn record_durable(&self, record: Record) -> AuditFuture<Result<Record, AuditError>>;
+    /// Makes everything queued durable and signs checkpoints; whether all of it is.
+    fn sync(&self) -> AuditFuture<bool>;
+    /// Like `sync`, then stops taking records (at shutdown).
+    fn close(&self) -> AuditFuture<bool>;
+    /// Whether the last write succeeded.
+    fn is_healthy(&self) -> bool;
+    /// Records lost since start (should stay 0).
+    fn lost(&self) -> u64;
 }

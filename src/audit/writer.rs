@@ -572,6 +572,35 @@ impl Writer {
     }
 }
 
+impl super::AuditStore for AuditLog {
+    fn record(&self, record: Record) {
+        AuditLog::record(self, record)
+    }
+
+    fn record_durable(&self, record: Record) -> super::AuditFuture<Result<Record, AuditError>> {
+        let log = self.clone();
+        Box::pin(async move { AuditLog::record_durable(&log, record).await })
+    }
+
+    fn sync(&self) -> super::AuditFuture<bool> {
+        let log = self.clone();
+        Box::pin(async move { AuditLog::sync(&log).await })
+    }
+
+    fn close(&self) -> super::AuditFuture<bool> {
+        let log = self.clone();
+        Box::pin(async move { AuditLog::close(&log).await })
+    }
+
+    fn is_healthy(&self) -> bool {
+        AuditLog::is_healthy(self)
+    }
+
+    fn lost(&self) -> u64 {
+        AuditLog::lost(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -158,22 +158,14 @@ pub async fn handshake(
     let admitted = match decision {
         Ok(a) => a,
         Err((refusal, device_id)) => {
-            tracing::info!(
-                refusal = refusal.code(),
-                device.id = device_id.as_deref().unwrap_or("-"),
-                cert.sha256 = %cert.fingerprint,
-                tls.resumed = resumed,
-                "refused before the upgrade"
+            log_refusal(
+                shared,
+                conn_id,
+                &refusal,
+                device_id.as_deref(),
+                &cert,
+                resumed,
             );
-            if let (Some(audit), Some(id)) = (&shared.audit, &device_id) {
-                audit.record(Record {
-                    device: id.clone(),
-                    kind: RecordKind::Refused,
-                    connection: Some(conn_id.to_string()),
-                    detail: Some(format!("HTTP {} {}", refusal.status(), refusal.code())),
-                    ..Default::default()
-                });
-            }
             refuse(&mut tls, &refusal).await?;
             return Ok(Outcome::Refused);
         }
@@ -252,6 +244,33 @@ pub async fn handshake(
         route,
         backend_url,
     })))
+}
+
+/// Logs an admission refusal and records it in the enrolled device's audit log.
+fn log_refusal(
+    shared: &Shared,
+    conn_id: &str,
+    refusal: &Refusal,
+    device_id: Option<&str>,
+    cert: &PeerCertificate,
+    resumed: bool,
+) {
+    tracing::info!(
+        refusal = refusal.code(),
+        device.id = device_id.unwrap_or("-"),
+        cert.sha256 = %cert.fingerprint,
+        tls.resumed = resumed,
+        "refused before the upgrade"
+    );
+    if let (Some(audit), Some(id)) = (&shared.audit, device_id) {
+        audit.record(Record {
+            device: id.to_string(),
+            kind: RecordKind::Refused,
+            connection: Some(conn_id.to_string()),
+            detail: Some(format!("HTTP {} {}", refusal.status(), refusal.code())),
+            ..Default::default()
+        });
+    }
 }
 
 /// Reads the upgrade request. `Ok(Err(refusal))`: a bad request to answer.

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::audit::AuditLog;
+use crate::audit::AuditStore;
 use crate::config::Config;
 use crate::config::DEFAULT_REJECTION_LOG_LINES_PER_SECOND;
 use crate::live::LiveHandle;
@@ -39,7 +39,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
-    pub audit: Option<AuditLog>,
+    pub audit: Option<Arc<dyn AuditStore>>,
     pub rejection_log: Arc<LogLimiter>,
     boot_id: u64,
     next_connection: AtomicU64,
@@ -49,7 +49,7 @@ pub struct Shared {
 pub struct FrameServices {
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
-    pub audit: Option<AuditLog>,
+    pub audit: Option<Arc<dyn AuditStore>>,
 }
 
 impl Shared {
@@ -94,12 +94,10 @@ impl Shared {
             log: self.rejection_log.clone(),
             dead_letters: self.deadletters.clone(),
             dead_letter_payload_bytes: runtime.dead_letter_payload_bytes,
-            audit: self.audit.clone().map(|log| {
-                (
-                    log,
-                    Arc::from(commands.redact.clone()),
-                    commands.max_payload_bytes,
-                )
+            audit: self.audit.clone().map(|log| steps::AuditSettings {
+                log,
+                redact: Arc::from(commands.redact.clone()),
+                max_payload_bytes: commands.max_payload_bytes,
             }),
             command_timeout: commands.timeout,
             max_open_commands: crate::config::DEFAULT_MAX_OPEN_COMMANDS,

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::relay::{Hold, Inspector, Verdict};
 use crate::admission::routing::{Route, RouteKind};
-use crate::audit::{stored_payload, AuditLog, Record, RecordKind};
+use crate::audit::{stored_payload, AuditStore, Record, RecordKind};
 use crate::frames::{self, DecodeLimits, Encoding, Frame, RejectCode, Rejection};
 use crate::model::sha256_hex;
 use crate::policy::commands::OpenCommands;
@@ -173,7 +173,7 @@ impl FrameStep for InvalidFrameWindow {
 /// What the audit steps need to write records.
 #[derive(Clone)]
 pub struct AuditContext {
-    pub log: AuditLog,
+    pub log: Arc<dyn AuditStore>,
     pub info: Arc<SessionInfo>,
     pub redact: Arc<[String]>,
     pub max_payload_bytes: usize,
@@ -564,13 +564,21 @@ impl Inspector for Chain {
     }
 }
 
+/// Where and how a session's audit records are written.
+pub struct AuditSettings {
+    pub log: Arc<dyn AuditStore>,
+    /// Field names whose values are replaced before a payload is stored.
+    pub redact: Arc<[String]>,
+    pub max_payload_bytes: usize,
+}
+
 /// The steps a route gets, in order.
 pub struct StepConfig {
     pub stats: Arc<RejectionStats>,
     pub log: Arc<LogLimiter>,
     pub dead_letters: DeadLetterSink,
     pub dead_letter_payload_bytes: usize,
-    pub audit: Option<(AuditLog, Arc<[String]>, usize)>,
+    pub audit: Option<AuditSettings>,
     pub command_timeout: std::time::Duration,
     pub max_open_commands: usize,
 }
@@ -580,14 +588,12 @@ pub struct StepConfig {
 /// on control routes.
 pub fn chain(info: Arc<SessionInfo>, validate: Validate, cfg: StepConfig) -> Chain {
     let route = info.route.clone();
-    let audit = cfg
-        .audit
-        .map(|(log, redact, max_payload_bytes)| AuditContext {
-            log,
-            info: info.clone(),
-            redact,
-            max_payload_bytes,
-        });
+    let audit = cfg.audit.map(|a| AuditContext {
+        log: a.log,
+        info: info.clone(),
+        redact: a.redact,
+        max_payload_bytes: a.max_payload_bytes,
+    });
     let mut steps: Vec<Box<dyn FrameStep>> = vec![
         Box::new(CountRejections {
             info: info.clone(),

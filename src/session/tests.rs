@@ -204,7 +204,11 @@ fn step_config(
             log: Arc::new(LogLimiter::new(20)),
             dead_letters,
             dead_letter_payload_bytes: 1024,
-            audit: audit.map(|log| (log, Arc::from(Vec::new()), 1024)),
+            audit: audit.map(|log| steps::AuditSettings {
+                log: Arc::new(log),
+                redact: Arc::from(Vec::new()),
+                max_payload_bytes: 1024,
+            }),
             command_timeout,
             max_open_commands: 4,
         },

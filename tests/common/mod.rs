@@ -583,6 +583,21 @@ impl ConnectError {
     }
 }
 
+/// Asserts that a connection attempt was answered with HTTP `status` and refusal `code`.
+pub fn assert_refused(result: Result<Connected, ConnectError>, status: u16, code: &str) {
+    match result {
+        Err(ConnectError::Http {
+            status: got,
+            refusal,
+            ..
+        }) => {
+            assert_eq!(got, status);
+            assert_eq!(refusal.as_deref(), Some(code));
+        }
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+}
+
 pub async fn connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
