@@ -1,7 +1,7 @@
 //! Device identity and admission, pure: what a verified leaf certificate says (fingerprint,
 //! serial, issuer, validity, clientAuth), what the loaded CRLs say about it, and whether the
 //! registry record lets it in. Takes time as an argument; no I/O. Chain verification itself is
-//! rustls/webpki's job (`tls`); this module re-checks what a resumed TLS session would skip.
+//! rustls/webpki's job (`net::tls`); this module re-checks what a resumed TLS session would skip.
 
 use std::collections::HashSet;
 

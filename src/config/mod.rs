@@ -1,7 +1,9 @@
 //! Configuration: the TOML file layer ([`FileConfig`], unknown keys rejected) and the validated
-//! layer ([`Config`], real types, every limit explicit). Owns every default, as a named
-//! constant with its unit and reason. Does not read certificates or open ports: turning the
-//! validated paths into TLS material is `tls`'s job.
+//! layer, one `TryFrom` per section: [`Config`] (what needs a restart) holding
+//! [`RuntimeConfig`] (what may change while running). Every default is in [`defaults`];
+//! [`schemas`] reads the schema directory; [`template`] writes a file from a few choices.
+//! Does not read certificates or open ports: turning the validated paths into TLS material is
+//! `net::tls`'s job, swapping a reloaded runtime part in is `control`'s.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! Backend connections: opens a WebSocket to a backend of the chosen route (round-robin,
 //! skipping backends that fail), carrying the subprotocol and the device identity headers.
-//! Does not decide the route (`routing`) nor relay frames (`relay`).
+//! Does not decide the route (`admission::routing`) nor relay frames (`session::relay`).
 
 use std::sync::Arc;
 use std::time::Duration;

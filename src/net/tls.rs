@@ -2,7 +2,7 @@
 //! against the CA bundle and CRLs) once, shares it in an `Arc`, and swaps in a new one on
 //! reload (CRL change, SIGHUP, admin API) with the session ticketer kept, so tickets issued
 //! before a reload still resume after it. Also builds the client config for `wss://` backends.
-//! Whether a verified device may connect is decided after the handshake by `identity`.
+//! Whether a verified device may connect is decided after the handshake by `admission`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

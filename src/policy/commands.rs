@@ -1,6 +1,6 @@
 //! Open commands of one session, pure: which command ids were sent and when, which answer
 //! matches, which have passed their deadline. Takes time as an argument. The session records
-//! what this decides in the audit log (`auditlog`).
+//! what this decides in the audit log (`session::steps::Commands`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

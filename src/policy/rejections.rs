@@ -1,6 +1,7 @@
 //! Rejection accounting: a counter per (device type, route, reason), and a limiter that keeps
 //! the rejection log from flooding (a burst per second, then a count of what was suppressed).
-//! In memory; the admin API reads the counters.
+//! In memory; time is an argument. The session's `CountRejections` step feeds them, the admin
+//! API reads the counters.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
