@@ -180,56 +180,16 @@ pub async fn handshake(
         tracing::warn!(device.id = %device.id, count = request.dropped_identity_headers, "device sent x-gatehouse-* headers; dropped");
     }
 
-    let fingerprint = cert.fingerprint.to_string();
-    let identity = DeviceIdentity {
-        device_id: &device.id,
-        device_type: &device.device_type,
-        cert_sha256: &fingerprint,
-        connection_id: conn_id,
-    };
-    // The backend connection has its own deadline (each backend tried gets
-    // `backend.connect_timeout`), not the device's handshake timeout: a dead pool is a 502.
-    let connected = tokio::select! {
-        // Cancel-safe: an unfinished backend connection is dropped; the device gets a 503.
-        _ = shared.shutdown.cancelled() => {
-            refuse(&mut tls, &Refusal::ShuttingDown).await?;
-            return Ok(Outcome::Refused);
-        }
-        r = live.connector.connect_route(&route, &identity, &request.forward_headers) => r,
-    };
-    let (backend, backend_url) = match connected {
-        Ok(ok) => ok,
-        Err(errors) => {
-            tracing::warn!(
-                device.id = %device.id,
-                route = %route.subprotocol,
-                attempts = errors.len(),
-                "refused: no backend of the route accepted the connection"
-            );
-            refuse(&mut tls, &Refusal::BackendUnavailable).await?;
-            return Ok(Outcome::Refused);
-        }
-    };
-    let backend_url = backend_url.url.clone();
+    let (backend, backend_url) =
+        match connect_backend(shared, live, &device, &route, &cert, conn_id, &request).await {
+            Ok(connected) => connected,
+            Err(refusal) => {
+                refuse(&mut tls, &refusal).await?;
+                return Ok(Outcome::Refused);
+            }
+        };
 
-    let answer = async {
-        tls.write_all(&upgrade::switching_protocols(
-            &request.key,
-            &route.subprotocol,
-        ))
-        .await?;
-        tls.flush().await
-    };
-    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(HandshakeError::Write(e)),
-        Err(_) => {
-            return Err(HandshakeError::Write(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the device did not read the 101 answer",
-            )))
-        }
-    }
+    accept_upgrade(&mut tls, &request.key, &route.subprotocol).await?;
     let device_ws = WebSocketStream::from_partially_read(
         tls,
         leftover,
@@ -244,6 +204,65 @@ pub async fn handshake(
         route,
         backend_url,
     })))
+}
+
+/// Connects the route's backend for `device`. The backend connection has its own deadline
+/// (each backend tried gets `backend.connect_timeout`), not the device's handshake timeout:
+/// a dead pool is a 502, shutdown meanwhile a 503.
+async fn connect_backend(
+    shared: &Shared,
+    live: &Live,
+    device: &Device,
+    route: &Route,
+    cert: &PeerCertificate,
+    conn_id: &str,
+    request: &UpgradeRequest,
+) -> Result<(BackendSocket, String), Refusal> {
+    let fingerprint = cert.fingerprint.to_string();
+    let identity = DeviceIdentity {
+        device_id: &device.id,
+        device_type: &device.device_type,
+        cert_sha256: &fingerprint,
+        connection_id: conn_id,
+    };
+    let connected = tokio::select! {
+        // Cancel-safe: an unfinished backend connection is dropped.
+        _ = shared.shutdown.cancelled() => return Err(Refusal::ShuttingDown),
+        r = live.connector.connect_route(route, &identity, &request.forward_headers) => r,
+    };
+    match connected {
+        Ok((backend, url)) => Ok((backend, url.url.clone())),
+        Err(errors) => {
+            tracing::warn!(
+                device.id = %device.id,
+                route = %route.subprotocol,
+                attempts = errors.len(),
+                "refused: no backend of the route accepted the connection"
+            );
+            Err(Refusal::BackendUnavailable)
+        }
+    }
+}
+
+/// Writes the 101 answer, bounded by [`ANSWER_TIMEOUT`].
+async fn accept_upgrade(
+    tls: &mut TlsStream<TcpStream>,
+    key: &str,
+    subprotocol: &str,
+) -> Result<(), HandshakeError> {
+    let answer = async {
+        tls.write_all(&upgrade::switching_protocols(key, subprotocol))
+            .await?;
+        tls.flush().await
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(HandshakeError::Write(e)),
+        Err(_) => Err(HandshakeError::Write(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the device did not read the 101 answer",
+        ))),
+    }
 }
 
 /// Logs an admission refusal and records it in the enrolled device's audit log.
