@@ -607,17 +607,26 @@ mod tests {
     use crate::audit::{export, read, verify_device, verify_dir, verify_export, RecordKind};
     use std::path::Path;
 
-    #[tokio::test]
-    async fn retention_prunes_old_segments_and_the_rest_still_verifies() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A log that prunes everything but the current segment at its next sync, with 12
+    /// durable records each for d1 and d2 written (several segments).
+    async fn pruning_log_with_two_devices(
+        dir: &Path,
+    ) -> (AuditLog, std::thread::JoinHandle<()>, [u8; 32]) {
         let (k, pk) = key();
-        let mut c = cfg(dir.path());
+        let mut c = cfg(dir);
         c.retention = Some(Duration::ZERO);
         let (log, thread) = AuditLog::open(c, k).unwrap();
         for n in 0..12 {
             log.record_durable(event("d1", n)).await.unwrap();
             log.record_durable(event("d2", n)).await.unwrap();
         }
+        (log, thread, pk)
+    }
+
+    #[tokio::test]
+    async fn retention_prunes_old_segments_and_the_rest_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread, pk) = pruning_log_with_two_devices(dir.path()).await;
         let before = segments(dir.path()).unwrap().len();
         assert!(before > 2);
         assert!(log.sync().await);
@@ -639,20 +648,14 @@ mod tests {
         let v = verify_dir(dir.path(), &pk, None).unwrap();
         assert!(!v.failures.is_empty());
     }
+
     /// Retention decides from what the writer recorded about each segment as it wrote it;
     /// it never reads a segment back (here the old segments are overwritten with garbage
     /// before pruning, and the anchors still come out right).
     #[tokio::test]
     async fn retention_never_reads_a_segment_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (k, pk) = key();
-        let mut c = cfg(dir.path());
-        c.retention = Some(Duration::ZERO);
-        let (log, thread) = AuditLog::open(c, k).unwrap();
-        for n in 0..12 {
-            log.record_durable(event("d1", n)).await.unwrap();
-            log.record_durable(event("d2", n)).await.unwrap();
-        }
+        let (log, thread, pk) = pruning_log_with_two_devices(dir.path()).await;
         let segs = segments(dir.path()).unwrap();
         assert!(segs.len() > 2);
         for (_, path) in &segs[..segs.len() - 1] {
