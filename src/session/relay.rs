@@ -233,7 +233,10 @@ impl Pump {
                         Verdict::RejectAndClose => return Poll::Ready(PumpEnd::TooManyInvalid),
                     }
                 }
-                Poll::Ready(Some(Ok(msg))) => self.pending = Some(msg),
+                // Each leg answers its own pings (tungstenite queues the pong and sends it with
+                // the next read or write of that stream): forwarding them too would give the
+                // sender two pongs, one of them from the far side.
+                Poll::Ready(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(classify(&e)),
                 Poll::Ready(None) => return Poll::Ready(PumpEnd::Vanished),
                 Poll::Pending => return self.flush(cx, src, dst),

@@ -104,6 +104,43 @@ async fn frames_and_close_codes_pass_through_both_ways() {
     );
 }
 
+/// One pong per ping, from the leg that was pinged; pings are not relayed (RFC 6455 5.5.2).
+#[tokio::test(start_paused = true)]
+async fn each_leg_answers_its_own_pings_once() {
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let shutdown = CancellationToken::new();
+    let mut fwd = ForwardAll;
+    let peers = async {
+        device
+            .send(Message::Ping(b"d".to_vec().into()))
+            .await
+            .unwrap();
+        backend
+            .send(Message::Ping(b"b".to_vec().into()))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut device).await, Message::Pong(b"d".to_vec().into()));
+        assert_eq!(
+            next(&mut backend).await,
+            Message::Pong(b"b".to_vec().into())
+        );
+        // What arrives next on each side is data, not a relayed ping or a second pong.
+        device.send(Message::text("up")).await.unwrap();
+        backend.send(Message::text("down")).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text("up"));
+        assert_eq!(next(&mut device).await, Message::text("down"));
+        shutdown.cancel();
+        assert!(matches!(next(&mut device).await, Message::Close(_)));
+        assert!(matches!(next(&mut backend).await, Message::Close(_)));
+    };
+    let ((end, stats), ()) = tokio::join!(
+        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        peers
+    );
+    assert_eq!(end, SessionEnd::Shutdown);
+    assert_eq!((stats.up.frames, stats.down.frames), (1, 1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both_with_1001() {
     let ((mut gw_dev, mut device), (mut gw_be, backend)) = session_pairs().await;
