@@ -188,6 +188,7 @@ impl Server {
                 live: shared.live.clone(),
                 started: Arc::new(shared.config.clone()),
                 rejections: shared.rejections.clone(),
+                sessions: shared.sessions.clone(),
                 deadletters: self.deadletter_store.clone(),
                 audit: shared.config.audit.clone(),
             };
@@ -200,6 +201,11 @@ impl Server {
         }
 
         self.tracker.spawn(crl_refresher(shared.clone()));
+        // Subscribed before the first accept, so no registry change can be missed.
+        self.tracker.spawn(end_sessions_on_registry_changes(
+            shared.clone(),
+            shared.registry.subscribe(),
+        ));
         // Installed before the gateway says it listens, so a SIGHUP after that line reloads.
         #[cfg(unix)]
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -302,6 +308,52 @@ impl Server {
         }
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// Ends live sessions that a registry change makes inadmissible (suspended, revoked, a
+/// certificate removed). The change feed is also what a replicated registry feeds, so a
+/// change made on another gateway reaches this one's sessions the same way.
+async fn end_sessions_on_registry_changes(
+    shared: Arc<Shared>,
+    mut feed: tokio::sync::broadcast::Receiver<crate::model::DeviceChange>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = tokio::select! {
+            // Cancel-safe: `recv` loses no message when dropped.
+            _ = shared.shutdown.cancelled() => return,
+            c = feed.recv() => c,
+        };
+        match change {
+            Ok(change) => {
+                let ended = shared.sessions.apply(&change);
+                if ended > 0 {
+                    tracing::info!(
+                        device.id = %change.device.id,
+                        status = change.device.status.as_str(),
+                        sessions = ended,
+                        "registry change: live sessions ended"
+                    );
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                // Too many changes at once: check every live session against the registry.
+                tracing::warn!(
+                    missed,
+                    "registry change feed lagged; re-checking every live session"
+                );
+                for session in shared.sessions.list(None) {
+                    if let Some(device) = shared.registry.get(&session.device) {
+                        shared.sessions.apply(&crate::model::DeviceChange {
+                            device,
+                            removed_fingerprints: Vec::new(),
+                        });
+                    }
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
     }
 }
 

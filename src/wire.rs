@@ -22,6 +22,38 @@ pub mod close_code {
     pub const SIZE: u16 = 1009;
     /// Internal error: the backend vanished or broke the protocol.
     pub const ERROR: u16 = 1011;
+    /// The device was suspended in the registry while connected.
+    pub const DEVICE_SUSPENDED: u16 = 4001;
+    /// The device was revoked in the registry while connected.
+    pub const DEVICE_REVOKED: u16 = 4002;
+    /// The certificate this session uses was removed from the device in the registry.
+    pub const CERTIFICATE_REMOVED: u16 = 4003;
+}
+
+/// Why the gateway ended a live session from outside (the registry changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    DeviceSuspended,
+    DeviceRevoked,
+    CertificateRemoved,
+}
+
+impl Ending {
+    /// The close frame both sides get.
+    pub fn close(self) -> Close {
+        let (code, reason) = match self {
+            Ending::DeviceSuspended => (close_code::DEVICE_SUSPENDED, "device suspended"),
+            Ending::DeviceRevoked => (close_code::DEVICE_REVOKED, "device revoked"),
+            Ending::CertificateRemoved => (
+                close_code::CERTIFICATE_REMOVED,
+                "certificate no longer enrolled for this device",
+            ),
+        };
+        Close {
+            code,
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// A close frame as the wire carries it: code and reason (at most 123 bytes).
@@ -220,6 +252,8 @@ pub enum SessionEnd {
     InvalidFrameLimit,
     /// Shutdown.
     Shutdown,
+    /// Ended from outside while live (the registry changed); both sides get this close.
+    Ended(Ending),
 }
 
 fn frame(code: u16, reason: &'static str) -> Option<Close> {
@@ -245,6 +279,7 @@ impl SessionEnd {
                 Some(frame(close_code::INVALID, "too many invalid frames"))
             }
             SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
+            SessionEnd::Ended(why) => Some(Some(why.close())),
         }
     }
 
@@ -258,6 +293,7 @@ impl SessionEnd {
             | SessionEnd::InvalidFrameLimit => Some(frame(close_code::AWAY, "device disconnected")),
             SessionEnd::BackendProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
             SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
+            SessionEnd::Ended(why) => Some(Some(why.close())),
         }
     }
 
@@ -266,7 +302,9 @@ impl SessionEnd {
             SessionEnd::ClosedBy(c, _) => *c,
             SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => Closer::Device,
             SessionEnd::BackendVanished | SessionEnd::BackendProtocolError(_) => Closer::Backend,
-            SessionEnd::Shutdown | SessionEnd::InvalidFrameLimit => Closer::Gateway,
+            SessionEnd::Shutdown | SessionEnd::InvalidFrameLimit | SessionEnd::Ended(_) => {
+                Closer::Gateway
+            }
         }
     }
 
@@ -299,6 +337,7 @@ impl SessionEnd {
             SessionEnd::DeviceProtocolError(c) | SessionEnd::BackendProtocolError(c) => *c,
             SessionEnd::InvalidFrameLimit => close_code::INVALID,
             SessionEnd::Shutdown => close_code::AWAY,
+            SessionEnd::Ended(why) => why.close().code,
         }
     }
 }

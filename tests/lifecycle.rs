@@ -142,3 +142,86 @@ async fn a_configuration_reload_applies_routes_to_the_next_connection() {
     let _ = second.next().await;
     gw.stop().await;
 }
+
+/// Suspending or revoking a device closes its open sessions, both sides, with the documented
+/// code, and the close is in the device's audit log; the session table lists live sessions.
+#[tokio::test]
+async fn suspension_and_revocation_reach_open_sessions() {
+    let mut control = Backend::start().await;
+    let mut options = Options::new(vec![control_route(vec![control.url("/")])]);
+    options.audit = Some(String::new());
+    let gw = Gateway::start(options).await;
+    let lock = gw.enroll("lock-1", "door-lock");
+    let client = gw.admin_client();
+    for (status, code, reason) in [
+        (
+            gatehouse::model::DeviceStatus::Suspended,
+            4001,
+            "device suspended",
+        ),
+        (
+            gatehouse::model::DeviceStatus::Revoked,
+            4002,
+            "device revoked",
+        ),
+    ] {
+        if status == gatehouse::model::DeviceStatus::Revoked {
+            gw.registry
+                .set_status("lock-1", gatehouse::model::DeviceStatus::Active)
+                .unwrap();
+        }
+        let (mut dev, _) = gw.connect(Some(&lock), &["control.v1"]).await.unwrap();
+        let mut be = control.next().await;
+        let c = gw.admin_client();
+        let live = tokio::task::spawn_blocking(move || c.sessions(Some("lock-1")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert_eq!(live[0].route, "control.v1");
+        let c = gw.admin_client();
+        tokio::task::spawn_blocking(move || c.set_status("lock-1", status).unwrap())
+            .await
+            .unwrap();
+        for ws in [&mut dev] {
+            match next_msg(ws).await {
+                Message::Close(Some(f)) => {
+                    assert_eq!((u16::from(f.code), f.reason.as_str()), (code, reason))
+                }
+                other => panic!("expected close {code}, got {other:?}"),
+            }
+        }
+        match next_msg(&mut be.ws).await {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), code),
+            other => panic!("expected close {code}, got {other:?}"),
+        }
+        drop((dev, be));
+    }
+    let audit = gw.audit.clone().unwrap();
+    let rs = within(async {
+        loop {
+            // Each round waits for the writer's sync: no spinning.
+            assert!(audit.sync().await);
+            let records = gatehouse::audit::read_device(&gw.dir.path().join("audit"), "lock-1")
+                .unwrap()
+                .records
+                .remove("lock-1")
+                .unwrap_or_default();
+            let closes: Vec<String> = records
+                .iter()
+                .filter(|r| r.kind == RecordKind::Disconnected)
+                .filter_map(|r| r.detail.clone())
+                .collect();
+            if closes.len() == 2 {
+                return closes;
+            }
+        }
+    })
+    .await;
+    assert!(rs[0].contains("close 4001 by gateway"), "{rs:?}");
+    assert!(rs[1].contains("close 4002 by gateway"), "{rs:?}");
+    let live = tokio::task::spawn_blocking(move || client.sessions(None).unwrap())
+        .await
+        .unwrap();
+    assert!(live.is_empty(), "{live:?}");
+    gw.stop().await;
+}

@@ -126,6 +126,17 @@ impl AdminClient {
         self.post(&format!("/v1/devices/{id}/{verb}"), None::<&()>)
     }
 
+    /// Live sessions, only `device`'s when given.
+    pub fn sessions(
+        &self,
+        device: Option<&str>,
+    ) -> Result<Vec<crate::session::table::LiveSession>, ClientError> {
+        match device {
+            Some(d) => self.get(&format!("/v1/sessions?device={d}")),
+            None => self.get("/v1/sessions"),
+        }
+    }
+
     pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {
         self.get(&format!("/v1/devices/{id}/deadletters"))
     }

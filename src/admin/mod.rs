@@ -39,6 +39,7 @@ pub struct AdminState {
     /// The configuration as started (what a configuration reload compares with).
     pub started: Arc<crate::config::Config>,
     pub rejections: Arc<RejectionStats>,
+    pub sessions: Arc<crate::session::table::SessionTable>,
     pub deadletters: Arc<dyn DeadLetterStore>,
     /// `[audit]`: the directory and the public key file, when configured.
     pub audit: Option<crate::config::AuditConfig>,
@@ -268,6 +269,20 @@ async fn reload_config(
     }))
 }
 
+#[derive(Debug, Deserialize)]
+struct SessionQuery {
+    device: Option<String>,
+}
+
+async fn sessions(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<SessionQuery>,
+) -> Result<Json<Vec<crate::session::table::LiveSession>>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(s.sessions.list(q.device.as_deref())))
+}
+
 async fn rejections(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -410,6 +425,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/deadletters", get(deadletters))
         .route("/v1/reload", post(reload_config))
+        .route("/v1/sessions", get(sessions))
         .route("/v1/tls/reload", post(reload_tls))
         .route("/v1/schemas/reload", post(reload_schemas))
         .route("/v1/stats/rejections", get(rejections))

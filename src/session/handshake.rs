@@ -45,6 +45,8 @@ pub struct Upgraded {
     pub device_ws: WebSocketStream<TlsStream<TcpStream>>,
     pub backend: BackendSocket,
     pub device: Arc<Device>,
+    /// Lower-case hex SHA-256 of the certificate the device presented.
+    pub cert_sha256: String,
     pub route: Arc<Route>,
     pub backend_url: String,
 }
@@ -201,6 +203,7 @@ pub async fn handshake(
         device_ws,
         backend,
         device,
+        cert_sha256: cert.fingerprint.to_string(),
         route,
         backend_url,
     })))

@@ -7,6 +7,7 @@
 pub mod handshake;
 pub mod relay;
 pub mod steps;
+pub mod table;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +42,8 @@ pub struct Shared {
     pub deadletters: DeadLetterSink,
     pub audit: Option<Arc<dyn AuditStore>>,
     pub rejection_log: Arc<LogLimiter>,
+    /// Every live session, with a handle to end it.
+    pub sessions: Arc<table::SessionTable>,
     boot_id: u64,
     next_connection: AtomicU64,
 }
@@ -75,6 +78,7 @@ impl Shared {
             deadletters: frames.deadletters,
             audit: frames.audit,
             rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
+            sessions: Arc::new(table::SessionTable::default()),
             boot_id,
             next_connection: AtomicU64::new(1),
         }
@@ -126,9 +130,32 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             mut device_ws,
             mut backend,
             device,
+            cert_sha256,
             route,
             backend_url,
         } = *upgraded;
+        let stop = table::EndHandle::child_of(&shared.shutdown);
+        let _registration = shared.sessions.register(
+            table::LiveSession {
+                connection: conn_id.clone(),
+                device: device.id.clone(),
+                device_type: device.device_type.clone(),
+                route: route.subprotocol.clone(),
+                backend: backend_url.clone(),
+                peer: peer.to_string(),
+                cert_sha256,
+                started: time::OffsetDateTime::now_utc(),
+            },
+            stop.clone(),
+        );
+        // A registry change between admission and registration is not missed: apply the
+        // device's record as it is now.
+        if let Some(now) = shared.registry.get(&device.id) {
+            shared.sessions.apply(&crate::model::DeviceChange {
+                device: now,
+                removed_fingerprints: Vec::new(),
+            });
+        }
         tracing::debug!(device.id = %device.id, route = %route.subprotocol, backend = %backend_url, "session open");
         let info = Arc::new(SessionInfo {
             device_id: device.id.clone(),
@@ -150,7 +177,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let (end, stats) = relay::relay(
             &mut device_ws,
             &mut backend,
-            &shared.shutdown,
+            &stop,
             close_timeout,
             &mut chain,
         )

@@ -18,8 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 
+use super::table::EndHandle;
 use crate::frames::Rejection;
 use crate::policy::Direction;
 use crate::wire::{close_code, Close, Closer, SessionEnd};
@@ -269,12 +269,13 @@ impl Pump {
     }
 }
 
-/// Relays until either side ends or `shutdown` fires, then runs the close handshakes (each
-/// bounded by `close_timeout`). Returns how the session ended and what was relayed.
+/// Relays until either side ends or `stop` fires (shutdown, or the session table ending the
+/// session with a reason), then runs the close handshakes (each bounded by `close_timeout`).
+/// Returns how the session ended and what was relayed.
 pub async fn relay<D, B>(
     device: &mut WebSocketStream<D>,
     backend: &mut WebSocketStream<B>,
-    shutdown: &CancellationToken,
+    stop: &EndHandle,
     close_timeout: Duration,
     inspector: &mut (dyn Inspector + Send),
 ) -> (SessionEnd, RelayStats)
@@ -285,12 +286,15 @@ where
     let mut up = Pump::new(Direction::Up);
     let mut down = Pump::new(Direction::Down);
     let end = {
-        let mut cancelled = pin!(shutdown.cancelled());
+        let mut cancelled = pin!(stop.token().cancelled());
         std::future::poll_fn(|cx| {
             // Every arm only polls; nothing is lost when another arm completes first: a
             // message read but not yet written stays in its pump's `pending` slot.
             if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(SessionEnd::Shutdown);
+                return Poll::Ready(match stop.why() {
+                    Some(why) => SessionEnd::Ended(why),
+                    None => SessionEnd::Shutdown,
+                });
             }
             if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
                 return Poll::Ready(match end {

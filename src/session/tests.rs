@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::relay::{relay, ForwardAll, RelayStats};
 use super::steps::{self, Chain, SessionInfo, StepConfig, Validate};
+use super::table::EndHandle;
 use crate::admission::routing::{FrameRules, Route};
 use crate::audit::{AuditLog, RecordKind, WriterConfig};
 use crate::frames::DecodeLimits;
@@ -65,6 +66,7 @@ async fn frames_and_close_codes_pass_through_both_ways() {
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
+    let stop = EndHandle::child_of(&shutdown);
     let peers = async {
         device.send(Message::text("up")).await.unwrap();
         assert_eq!(next(&mut backend).await, Message::text("up"));
@@ -86,7 +88,7 @@ async fn frames_and_close_codes_pass_through_both_ways() {
         backend.flush().await.unwrap();
     };
     let ((end, stats), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
         peers
     );
     assert!(matches!(end, SessionEnd::ClosedBy(Closer::Device, Some(ref c)) if c.code == 4001));
@@ -110,6 +112,7 @@ async fn each_leg_answers_its_own_pings_once() {
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
+    let stop = EndHandle::child_of(&shutdown);
     let peers = async {
         device
             .send(Message::Ping(b"d".to_vec().into()))
@@ -134,7 +137,7 @@ async fn each_leg_answers_its_own_pings_once() {
         assert!(matches!(next(&mut backend).await, Message::Close(_)));
     };
     let ((end, stats), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
         peers
     );
     assert_eq!(end, SessionEnd::Shutdown);
@@ -146,6 +149,7 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
     let ((mut gw_dev, mut device), (mut gw_be, backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
+    let stop = EndHandle::child_of(&shutdown);
     let peers = async {
         drop(backend);
         assert_eq!(
@@ -154,12 +158,13 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
         );
     };
     let ((end, _), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
         peers
     );
     assert_eq!(end, SessionEnd::BackendVanished);
 
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let stop = EndHandle::child_of(&shutdown);
     let peers = async {
         shutdown.cancel();
         for ws in [&mut device, &mut backend] {
@@ -170,7 +175,7 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
         }
     };
     let ((end, _), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &shutdown, CLOSE_TIMEOUT, &mut fwd),
+        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
         peers
     );
     assert_eq!(end, SessionEnd::Shutdown);
@@ -271,7 +276,8 @@ async fn relay_with(
     peers: impl std::future::Future<Output = ()>,
 ) -> (SessionEnd, RelayStats) {
     let shutdown = CancellationToken::new();
-    let (out, ()) = tokio::join!(relay(gw_dev, gw_be, &shutdown, CLOSE_TIMEOUT, chain), peers);
+    let stop = EndHandle::child_of(&shutdown);
+    let (out, ()) = tokio::join!(relay(gw_dev, gw_be, &stop, CLOSE_TIMEOUT, chain), peers);
     out
 }
 
