@@ -158,16 +158,21 @@ fn devices_work_offline() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("final"));
 }
 
+/// `gatehouse serve` on `config`, logging at info to a pipe.
+fn serve(config: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["serve", "--config", config])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[cfg(unix)]
 #[test]
 fn serve_exits_zero_on_sigterm() {
     let (_tmp, config) = setup();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["serve", "--config", &config])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&config);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Ready when it says so; no sleeps.
     for line in lines.by_ref() {
@@ -227,12 +232,7 @@ fn sighup_reloads_schemas_and_logs_to_a_pipe_have_no_colour() {
     assert!(text.contains(schemas.to_str().unwrap()));
     std::fs::write(&config, text).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["serve", "--config", &config])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&config);
     // A bound on the whole test, so a missing log line fails it instead of hanging it.
     let pid = child.id().to_string();
     let watchdog_pid = pid.clone();
