@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -48,6 +49,31 @@ impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({self})")
     }
+}
+
+/// One leg's liveness settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingRules {
+    /// Silence on the leg after which the gateway pings it.
+    pub interval: Duration,
+    /// Time the leg has to answer (any frame counts) before the session ends.
+    pub timeout: Duration,
+}
+
+/// A session's timer settings (a route's, with the global defaults filled in).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionTimers {
+    pub device_ping: PingRules,
+    pub backend_ping: PingRules,
+    /// No data frame either way for this long ends the session; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Longest session; `None`: no limit.
+    pub max_lifetime: Option<Duration>,
+    /// Share of `max_lifetime` taken off at random per session, so that a fleet that
+    /// connected together does not reconnect together (0.1: between 90% and 100%).
+    pub lifetime_jitter: f64,
+    /// Time a leg may accept no bytes while data waits for it.
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

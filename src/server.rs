@@ -189,6 +189,11 @@ impl Server {
                 started: Arc::new(shared.config.clone()),
                 rejections: shared.rejections.clone(),
                 sessions: shared.sessions.clone(),
+                drain: crate::control::Drain {
+                    sessions: shared.sessions.clone(),
+                    draining: shared.draining.clone(),
+                    shutdown: shutdown.clone(),
+                },
                 deadletters: self.deadletter_store.clone(),
                 audit: shared.config.audit.clone(),
             };
@@ -206,6 +211,13 @@ impl Server {
             shared.clone(),
             shared.registry.subscribe(),
         ));
+        self.tracker.spawn(end_sessions_on_crl_reloads(
+            shared.clone(),
+            shared.tls.subscribe(),
+        ));
+        if let Some(every) = shared.live.load().config.backend.health_check_interval {
+            self.tracker.spawn(check_backends(shared.clone(), every));
+        }
         // Installed before the gateway says it listens, so a SIGHUP after that line reloads.
         #[cfg(unix)]
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -343,7 +355,7 @@ async fn end_sessions_on_registry_changes(
                     missed,
                     "registry change feed lagged; re-checking every live session"
                 );
-                for session in shared.sessions.list(None) {
+                for session in shared.sessions.list(&Default::default()) {
                     if let Some(device) = shared.registry.get(&session.device) {
                         shared.sessions.apply(&crate::model::DeviceChange {
                             device,
@@ -353,6 +365,63 @@ async fn end_sessions_on_registry_changes(
                 }
             }
             Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Ends live sessions whose certificate a reloaded CRL lists, whichever way the reload came
+/// (SIGHUP, admin API, the file refresher, a configuration reload).
+async fn end_sessions_on_crl_reloads(
+    shared: Arc<Shared>,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        tokio::select! {
+            // Cancel-safe: `changed` loses no change when dropped.
+            _ = shared.shutdown.cancelled() => return,
+            r = reloads.changed() => if r.is_err() { return },
+        }
+        let crls = shared.tls.current();
+        let ended = shared.sessions.apply_crls(&crls.crls);
+        if ended > 0 {
+            tracing::info!(
+                sessions = ended,
+                "CRL reload: live sessions on revoked certificates ended (4004)"
+            );
+        }
+    }
+}
+
+/// The optional active backend check: every `every`, a TCP connect to each backend of the
+/// routes in force (within the connect timeout) feeds the same passive-health table, so an
+/// ejected backend that is back returns before a device has to try it.
+async fn check_backends(shared: Arc<Shared>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // Cancel-safe: an interval tick is not consumed until it is returned.
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let live = shared.live.load_full();
+        let backend = &live.config.backend;
+        let mut seen = std::collections::HashSet::new();
+        for route in live.config.routes.iter() {
+            for b in &route.backends {
+                if !seen.insert(b.url.clone()) {
+                    continue;
+                }
+                let ok = matches!(
+                    tokio::time::timeout(
+                        backend.connect_timeout,
+                        tokio::net::TcpStream::connect((b.host.as_str(), b.port)),
+                    )
+                    .await,
+                    Ok(Ok(_))
+                );
+                shared.backend_health.record(&b.url, ok, &backend.health);
+            }
         }
     }
 }
@@ -391,19 +460,21 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
             _ = shared.shutdown.cancelled() => return,
             s = hup.recv() => if s.is_none() { return },
         }
-        match crate::control::reload_config(&shared.config, &shared.live, &shared.tls).await {
+        match crate::control::reload_config(
+            &shared.config,
+            &shared.live,
+            &shared.tls,
+            &shared.sessions,
+        )
+        .await
+        {
             Ok(r) => {
                 tracing::info!(
                     routes = r.routes,
                     device_types = r.device_types,
+                    sessions_closed = r.sessions_closed,
                     "SIGHUP: configuration, TLS material and schemas reloaded"
                 );
-                for key in r.restart_needed {
-                    tracing::warn!(
-                        setting = key,
-                        "SIGHUP: this setting changed but needs a restart; the running value stays"
-                    );
-                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: reload failed; the previous configuration, TLS material and schemas stay in force")

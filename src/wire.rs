@@ -28,30 +28,141 @@ pub mod close_code {
     pub const DEVICE_REVOKED: u16 = 4002;
     /// The certificate this session uses was removed from the device in the registry.
     pub const CERTIFICATE_REMOVED: u16 = 4003;
+    /// The certificate this session uses is now listed in a reloaded CRL.
+    pub const CERTIFICATE_REVOKED: u16 = 4004;
+    /// The certificate this session uses expired.
+    pub const CERTIFICATE_EXPIRED: u16 = 4005;
+    /// An operator ended the device's sessions (the reason is the operator's).
+    pub const KICKED: u16 = 4006;
+    /// A newer session of the same device on the same route took over (policy `takeover`).
+    pub const TAKEN_OVER: u16 = 4007;
+    /// A reload removed the session's route, or its device type from the route.
+    pub const ROUTE_REMOVED: u16 = 4008;
+    /// No data frame either way for the route's `idle_timeout`.
+    pub const IDLE_TIMEOUT: u16 = 4009;
+    /// The session reached its `max_lifetime`; the device should reconnect.
+    pub const MAX_LIFETIME: u16 = 4010;
+    /// The device did not answer the gateway's ping within `device_ping_timeout`.
+    pub const DEVICE_PING_TIMEOUT: u16 = 4011;
+    /// The backend did not answer the gateway's ping within `backend_ping_timeout`.
+    pub const BACKEND_PING_TIMEOUT: u16 = 4012;
+    /// The device accepted no bytes for `write_timeout` while frames waited for it.
+    pub const DEVICE_WRITE_TIMEOUT: u16 = 4013;
+    /// The backend accepted no bytes for `write_timeout` while frames waited for it.
+    pub const BACKEND_WRITE_TIMEOUT: u16 = 4014;
 }
 
-/// Why the gateway ended a live session from outside (the registry changed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One of a session's two connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    Device,
+    Backend,
+}
+
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Device => "device",
+            Leg::Backend => "backend",
+        }
+    }
+}
+
+/// Why the gateway ended a live session itself: from outside (registry, CRL, operator,
+/// another session, reload, drain) or by one of the session's timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
     DeviceSuspended,
     DeviceRevoked,
     CertificateRemoved,
+    CertificateRevoked,
+    CertificateExpired,
+    /// An operator's kick, with the operator's reason.
+    Kicked(String),
+    /// Taken over by the named newer connection.
+    TakenOver(String),
+    RouteRemoved,
+    IdleTimeout,
+    MaxLifetime,
+    PingTimeout(Leg),
+    WriteTimeout(Leg),
+    /// The gateway drains before a restart: reconnect elsewhere.
+    Draining,
+}
+
+/// Longest close reason in bytes: a close frame's payload is at most 125 bytes, 2 of them
+/// the code.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// `text` cut to at most `max` bytes on a character boundary.
+pub fn truncate_reason(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default().to_string()
 }
 
 impl Ending {
     /// The close frame both sides get.
-    pub fn close(self) -> Close {
-        let (code, reason) = match self {
-            Ending::DeviceSuspended => (close_code::DEVICE_SUSPENDED, "device suspended"),
-            Ending::DeviceRevoked => (close_code::DEVICE_REVOKED, "device revoked"),
+    pub fn close(&self) -> Close {
+        let (code, reason): (u16, Cow<'static, str>) = match self {
+            Ending::DeviceSuspended => (close_code::DEVICE_SUSPENDED, "device suspended".into()),
+            Ending::DeviceRevoked => (close_code::DEVICE_REVOKED, "device revoked".into()),
             Ending::CertificateRemoved => (
                 close_code::CERTIFICATE_REMOVED,
-                "certificate no longer enrolled for this device",
+                "certificate no longer enrolled for this device".into(),
             ),
+            Ending::CertificateRevoked => (
+                close_code::CERTIFICATE_REVOKED,
+                "certificate revoked (CRL)".into(),
+            ),
+            Ending::CertificateExpired => (
+                close_code::CERTIFICATE_EXPIRED,
+                "certificate expired".into(),
+            ),
+            Ending::Kicked(why) => (
+                close_code::KICKED,
+                if why.is_empty() {
+                    "ended by an operator".into()
+                } else {
+                    format!("ended by an operator: {why}").into()
+                },
+            ),
+            Ending::TakenOver(by) => (
+                close_code::TAKEN_OVER,
+                format!("taken over by a newer session ({by})").into(),
+            ),
+            Ending::RouteRemoved => (
+                close_code::ROUTE_REMOVED,
+                "route no longer serves this device".into(),
+            ),
+            Ending::IdleTimeout => (close_code::IDLE_TIMEOUT, "idle timeout".into()),
+            Ending::MaxLifetime => (
+                close_code::MAX_LIFETIME,
+                "maximum session lifetime reached; reconnect".into(),
+            ),
+            Ending::PingTimeout(Leg::Device) => (
+                close_code::DEVICE_PING_TIMEOUT,
+                "device did not answer ping".into(),
+            ),
+            Ending::PingTimeout(Leg::Backend) => (
+                close_code::BACKEND_PING_TIMEOUT,
+                "backend did not answer ping".into(),
+            ),
+            Ending::WriteTimeout(Leg::Device) => (
+                close_code::DEVICE_WRITE_TIMEOUT,
+                "device stopped reading".into(),
+            ),
+            Ending::WriteTimeout(Leg::Backend) => (
+                close_code::BACKEND_WRITE_TIMEOUT,
+                "backend stopped reading".into(),
+            ),
+            Ending::Draining => (close_code::AWAY, "gateway draining; reconnect".into()),
         };
         Close {
             code,
-            reason: reason.to_string(),
+            reason: truncate_reason(&reason, MAX_CLOSE_REASON_BYTES),
         }
     }
 }
@@ -100,6 +211,14 @@ pub enum Refusal {
     },
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The gateway is draining before a restart: new sessions go elsewhere.
+    Draining,
+    /// The route's duplicate policy refuses another session of this device: `open` sessions
+    /// are already open and the route allows `allowed`.
+    SessionOpen {
+        open: usize,
+        allowed: usize,
+    },
 }
 
 impl Refusal {
@@ -114,11 +233,12 @@ impl Refusal {
             | Refusal::CertificateExpired
             | Refusal::NotClientCertificate => 403,
             Refusal::MethodNotAllowed => 405,
+            Refusal::SessionOpen { .. } => 409,
             Refusal::UpgradeRequired => 426,
             Refusal::HeadersTooLarge => 431,
             Refusal::NoSchema { .. } => 500,
             Refusal::BackendUnavailable => 502,
-            Refusal::ShuttingDown => 503,
+            Refusal::ShuttingDown | Refusal::Draining => 503,
         }
     }
 
@@ -140,6 +260,8 @@ impl Refusal {
             Refusal::NoSchema { .. } => "no-schema",
             Refusal::BackendUnavailable => "backend-unavailable",
             Refusal::ShuttingDown => "shutting-down",
+            Refusal::Draining => "draining",
+            Refusal::SessionOpen { .. } => "session-open",
         }
     }
 
@@ -179,6 +301,10 @@ impl Refusal {
             )),
             Refusal::BackendUnavailable => "no backend available for this subprotocol".into(),
             Refusal::ShuttingDown => "gateway is shutting down".into(),
+            Refusal::Draining => "gateway is draining; connect to another one".into(),
+            Refusal::SessionOpen { open, allowed } => Cow::Owned(format!(
+                "a session of this device is already open on this route ({open} open, {allowed} allowed)"
+            )),
         }
     }
 
@@ -190,7 +316,10 @@ impl Refusal {
         if matches!(self, Refusal::UpgradeRequired) {
             extra.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n");
         }
-        if matches!(self, Refusal::ShuttingDown | Refusal::BackendUnavailable) {
+        if matches!(
+            self,
+            Refusal::ShuttingDown | Refusal::Draining | Refusal::BackendUnavailable
+        ) {
             extra.push_str("Retry-After: 5\r\n");
         }
         format!(
@@ -209,6 +338,7 @@ fn reason_phrase(status: u16) -> &'static str {
         500 => "Internal Server Error",
         403 => "Forbidden",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",

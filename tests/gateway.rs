@@ -83,10 +83,15 @@ async fn telemetry_and_control_reach_the_backend_of_their_subprotocol() {
     gw.stop().await;
 }
 
+/// The backend gets the gateway's identity and forwarding headers, and of the device's own
+/// headers only those its route allows: planted identity (also spelled with underscores),
+/// forwarding and credential headers never arrive.
 #[tokio::test]
 async fn identity_headers_arrive_and_spoofed_ones_do_not() {
     let mut ingest = Backend::start().await;
-    let gw = Gateway::start(Options::new(vec![telemetry_route(vec![ingest.url("/")])])).await;
+    let mut route = telemetry_route(vec![ingest.url("/")]);
+    route.extra = "forward_headers = [\"User-Agent\", \"x_trace_id\"]";
+    let gw = Gateway::start(Options::new(vec![route])).await;
     let sensor = gw.enroll("sensor-7", "env-sensor");
     let (_dev, _) = connect(
         gw.addr,
@@ -96,7 +101,14 @@ async fn identity_headers_arrive_and_spoofed_ones_do_not() {
             ("x-gatehouse-device-id", "someone-else"),
             ("X-Gatehouse-Device-Type", "door-lock"),
             ("x-gatehouse-admin", "true"),
+            ("X_Gatehouse_Device_Id", "someone-else"),
+            ("X-Forwarded-For", "10.9.9.9"),
+            ("Forwarded", "for=10.9.9.9"),
+            ("X-Real-IP", "10.9.9.9"),
+            ("Authorization", "Bearer stolen"),
+            ("Cookie", "session=1"),
             ("user-agent", "sensor-fw/1.2"),
+            ("x-trace-id", "abc"),
         ],
     )
     .await
@@ -115,6 +127,14 @@ async fn identity_headers_arrive_and_spoofed_ones_do_not() {
     assert!(h.get("x-gatehouse-admin").is_none());
     assert_eq!(h["sec-websocket-protocol"], "telemetry.v1");
     assert_eq!(h["user-agent"], "sensor-fw/1.2");
+    assert_eq!(h["x-trace-id"], "abc");
+    assert!(h.get("x_gatehouse_device_id").is_none());
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h["forwarded"], "for=127.0.0.1");
+    for planted in ["x-real-ip", "authorization", "cookie"] {
+        assert!(h.get(planted).is_none(), "{planted} reached the backend");
+    }
     gw.stop().await;
 }
 

@@ -98,48 +98,80 @@ async fn records_of_sessions_cut_off_at_shutdown_are_synced_and_signed() {
 }
 
 /// A configuration reload (`POST /v1/reload`, as `gatehouse reload` and SIGHUP do) swaps in
-/// the new runtime part: the next connection goes to the route's new backend. A changed
-/// setting that needs a restart is reported and keeps its running value.
+/// the new runtime part as one unit: a changed backend pool applies to new sessions while
+/// the open one keeps its backend; a route that no longer takes the device's type closes its
+/// session with 4008. A change to a setting that needs a restart, or a broken file, changes
+/// nothing, and the answer names the file and the key.
 #[tokio::test]
-async fn a_configuration_reload_applies_routes_to_the_next_connection() {
+async fn a_configuration_reload_applies_routes_to_new_and_open_sessions() {
     let mut first = Backend::start().await;
     let mut second = Backend::start().await;
-    let gw = Gateway::start(Options::new(vec![telemetry_route(vec![first.url("/a")])])).await;
+    let mut route = telemetry_route(vec![first.url("/a")]);
+    route.extra = "duplicates = \"allow\"\nmax_sessions_per_device = 10";
+    let gw = Gateway::start(Options::new(vec![route])).await;
     let sensor = gw.enroll("s1", "env-sensor");
-    let (_dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
-    let _ = first.next().await;
+    let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut old = first.next().await;
+    let original = std::fs::read_to_string(&gw.config_path).unwrap();
+    let reload = || {
+        let client = gw.admin_client();
+        tokio::task::spawn_blocking(move || client.reload())
+    };
 
-    let text = std::fs::read_to_string(&gw.config_path).unwrap();
-    let text = text
+    // A setting that needs a restart refuses the whole reload.
+    let with_new_pool = original
         .replace(&first.url("/a"), &second.url("/b"))
         .replace("max_message_bytes = 65536", "max_message_bytes = 65000")
-        .replace("max_frame_bytes = 65536", "max_frame_bytes = 65000")
-        .replacen("shutdown_grace_ms = 5000", "shutdown_grace_ms = 4000", 1);
-    std::fs::write(&gw.config_path, text).unwrap();
-    let client = gw.admin_client();
-    let report = tokio::task::spawn_blocking(move || client.reload().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(report.routes, 1);
-    assert_eq!(report.restart_needed, vec!["server.shutdown_grace_ms"]);
-    assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65000);
+        .replace("max_frame_bytes = 65536", "max_frame_bytes = 65000");
+    std::fs::write(
+        &gw.config_path,
+        with_new_pool.replacen("shutdown_grace_ms = 5000", "shutdown_grace_ms = 4000", 1),
+    )
+    .unwrap();
+    let err = reload().await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("server.shutdown_grace_ms"), "{err}");
+    assert!(err.contains("restart"), "{err}");
+    assert!(err.contains("gatehouse.toml"), "{err}");
+    assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65536);
 
+    std::fs::write(&gw.config_path, &with_new_pool).unwrap();
+    let report = reload().await.unwrap().unwrap();
+    assert_eq!((report.routes, report.sessions_closed), (1, 0));
+    assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65000);
+    // The open session keeps its backend; a new one goes to the new pool.
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut old.ws).await, Message::text(reading(1)));
     let (_dev2, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     let conn = second.next().await;
     assert_eq!(conn.headers["x-gatehouse-device-id"], "s1");
 
-    // A broken file changes nothing.
-    std::fs::write(&gw.config_path, "[server]\nlisten = 5").unwrap();
-    let client = gw.admin_client();
-    let err = tokio::task::spawn_blocking(move || client.reload().unwrap_err())
-        .await
-        .unwrap();
-    assert!(
-        err.to_string().contains("previous configuration kept"),
-        "{err}"
-    );
+    // A broken value changes nothing; the answer names the key.
+    std::fs::write(
+        &gw.config_path,
+        with_new_pool.replace("[tls]", "[session]\nlifetime_jitter_percent = 90\n[tls]"),
+    )
+    .unwrap();
+    let err = reload().await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("session.lifetime_jitter_percent"), "{err}");
+    assert!(err.contains("previous configuration kept"), "{err}");
     let (_dev3, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     let _ = second.next().await;
+
+    // The route no longer takes env-sensor: its open sessions close with 4008.
+    std::fs::write(
+        &gw.config_path,
+        with_new_pool.replace(
+            "device_types = [\"env-sensor\", \"door-lock\"]",
+            "device_types = [\"door-lock\"]",
+        ),
+    )
+    .unwrap();
+    let report = reload().await.unwrap().unwrap();
+    assert_eq!(report.sessions_closed, 3);
+    match next_msg(&mut dev).await {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4008),
+        other => panic!("expected close 4008, got {other:?}"),
+    }
     gw.stop().await;
 }
 
@@ -173,9 +205,12 @@ async fn suspension_and_revocation_reach_open_sessions() {
         let (mut dev, _) = gw.connect(Some(&lock), &["control.v1"]).await.unwrap();
         let mut be = control.next().await;
         let c = gw.admin_client();
-        let live = tokio::task::spawn_blocking(move || c.sessions(Some("lock-1")).unwrap())
-            .await
-            .unwrap();
+        let live = tokio::task::spawn_blocking(move || {
+            c.sessions(&gatehouse::session::table::Filter::device("lock-1"))
+                .unwrap()
+        })
+        .await
+        .unwrap();
         assert_eq!(live.len(), 1, "{live:?}");
         assert_eq!(live[0].route, "control.v1");
         let c = gw.admin_client();
@@ -219,7 +254,7 @@ async fn suspension_and_revocation_reach_open_sessions() {
     .await;
     assert!(rs[0].contains("close 4001 by gateway"), "{rs:?}");
     assert!(rs[1].contains("close 4002 by gateway"), "{rs:?}");
-    let live = tokio::task::spawn_blocking(move || client.sessions(None).unwrap())
+    let live = tokio::task::spawn_blocking(move || client.sessions(&Default::default()).unwrap())
         .await
         .unwrap();
     assert!(live.is_empty(), "{live:?}");

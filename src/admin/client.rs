@@ -109,7 +109,8 @@ impl AdminClient {
         self.get("/v1/devices")
     }
 
-    pub fn show(&self, id: &str) -> Result<Device, ClientError> {
+    /// The device's record and its live sessions.
+    pub fn show(&self, id: &str) -> Result<super::DeviceView, ClientError> {
         self.get(&format!("/v1/devices/{id}"))
     }
 
@@ -126,15 +127,46 @@ impl AdminClient {
         self.post(&format!("/v1/devices/{id}/{verb}"), None::<&()>)
     }
 
-    /// Live sessions, only `device`'s when given.
+    /// Live sessions that `filter` selects (device ids, types and routes are tokens: no
+    /// escaping needed).
     pub fn sessions(
         &self,
-        device: Option<&str>,
+        filter: &crate::session::table::Filter,
     ) -> Result<Vec<crate::session::table::LiveSession>, ClientError> {
-        match device {
-            Some(d) => self.get(&format!("/v1/sessions?device={d}")),
-            None => self.get("/v1/sessions"),
+        let query: Vec<String> = [
+            ("device", &filter.device),
+            ("type", &filter.device_type),
+            ("route", &filter.route),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect();
+        if query.is_empty() {
+            self.get("/v1/sessions")
+        } else {
+            self.get(&format!("/v1/sessions?{}", query.join("&")))
         }
+    }
+
+    /// Ends the device's sessions (or one connection of it) with `reason`.
+    pub fn kick(
+        &self,
+        id: &str,
+        reason: &str,
+        connection: Option<&str>,
+    ) -> Result<super::Ended, ClientError> {
+        self.post(
+            &format!("/v1/devices/{id}/kick"),
+            Some(&super::KickRequest {
+                reason: reason.to_string(),
+                connection: connection.map(str::to_string),
+            }),
+        )
+    }
+
+    /// Starts draining the gateway.
+    pub fn drain(&self, grace_ms: Option<u64>) -> Result<super::DrainReport, ClientError> {
+        self.post("/v1/drain", Some(&super::DrainRequest { grace_ms }))
     }
 
     pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {

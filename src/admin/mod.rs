@@ -25,6 +25,7 @@ use crate::config::AdminToken;
 use crate::model::{Device, DeviceStatus, Enrollment};
 use crate::net::tls::TlsState;
 use crate::policy::rejections::{RejectionCount, RejectionStats};
+use crate::session::table::{Filter, LiveSession};
 use crate::storage::{DeadLetter, DeadLetterStore, DeviceStore, RegistryError};
 
 /// Time the CLI waits for the admin API before it gives up: 10 s.
@@ -40,6 +41,8 @@ pub struct AdminState {
     pub started: Arc<crate::config::Config>,
     pub rejections: Arc<RejectionStats>,
     pub sessions: Arc<crate::session::table::SessionTable>,
+    /// Draining: the flag handshakes read and how to start it.
+    pub drain: crate::control::Drain,
     pub deadletters: Arc<dyn DeadLetterStore>,
     /// `[audit]`: the directory and the public key file, when configured.
     pub audit: Option<crate::config::AuditConfig>,
@@ -132,16 +135,118 @@ async fn list(
     ))
 }
 
+/// A device with its live sessions (`GET /v1/devices/{id}`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    pub device: Device,
+    pub sessions: Vec<LiveSession>,
+}
+
 async fn show(
     State(s): State<AdminState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceView>, ApiError> {
     authorize(&s, &headers)?;
-    s.registry
+    let device = s
+        .registry
         .get(&id)
-        .map(|d| Json((*d).clone()))
-        .ok_or_else(|| ApiError::from(RegistryError::UnknownDevice(id)))
+        .ok_or_else(|| ApiError::from(RegistryError::UnknownDevice(id.clone())))?;
+    Ok(Json(DeviceView {
+        device: (*device).clone(),
+        sessions: s.sessions.list(&Filter::device(&id)),
+    }))
+}
+
+/// Body of `POST /v1/devices/{id}/kick`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KickRequest {
+    /// Sent to the device and the backend in the close frame (truncated to fit).
+    #[serde(default)]
+    pub reason: String,
+    /// Only this connection of the device; all of them when absent.
+    pub connection: Option<String>,
+}
+
+/// How many sessions an action ended.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ended {
+    pub sessions: usize,
+}
+
+async fn kick(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<Json<KickRequest>>,
+) -> Result<Json<Ended>, ApiError> {
+    authorize(&s, &headers)?;
+    if s.registry.get(&id).is_none() {
+        return Err(ApiError::from(RegistryError::UnknownDevice(id)));
+    }
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let n = s
+        .sessions
+        .kick(&id, body.connection.as_deref(), &body.reason);
+    tracing::info!(device.id = %id, sessions = n, reason = %body.reason, "admin: device's sessions kicked");
+    Ok(Json(Ended { sessions: n }))
+}
+
+/// Body of `POST /v1/drain`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Time to spread the closes over; `server.drain_grace_ms` when absent.
+    pub grace_ms: Option<u64>,
+}
+
+/// Answer of `POST /v1/drain`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub status: String,
+    pub sessions: usize,
+    pub grace_ms: u64,
+}
+
+async fn drain(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Option<Json<DrainRequest>>,
+) -> Result<Json<DrainReport>, ApiError> {
+    authorize(&s, &headers)?;
+    let runtime = &s.live.load().config;
+    let grace = body
+        .and_then(|Json(b)| b.grace_ms)
+        .map(Duration::from_millis)
+        .unwrap_or(runtime.drain_grace);
+    match s.drain.start(grace, runtime.close_timeout) {
+        Some(n) => Ok(Json(DrainReport {
+            status: "draining".into(),
+            sessions: n,
+            grace_ms: grace.as_millis() as u64,
+        })),
+        None => Err(ApiError(
+            StatusCode::CONFLICT,
+            "the gateway is already draining".into(),
+        )),
+    }
+}
+
+/// `GET /healthz`: the process answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: listeners bound and stores open (the admin API only starts then), and not
+/// draining: a load balancer should send new devices here.
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.drain.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
 }
 
 async fn enroll(
@@ -239,8 +344,8 @@ pub struct ReloadReport {
     pub status: String,
     pub routes: usize,
     pub device_types: usize,
-    /// Changed settings that need a restart (their running values stay).
-    pub restart_needed: Vec<String>,
+    /// Open sessions closed because their route no longer serves them.
+    pub sessions_closed: usize,
 }
 
 async fn reload_config(
@@ -248,7 +353,7 @@ async fn reload_config(
     headers: HeaderMap,
 ) -> Result<Json<ReloadReport>, ApiError> {
     authorize(&s, &headers)?;
-    let r = crate::control::reload_config(&s.started, &s.live, &s.tls)
+    let r = crate::control::reload_config(&s.started, &s.live, &s.tls, &s.sessions)
         .await
         .map_err(|e| {
             ApiError(
@@ -265,22 +370,17 @@ async fn reload_config(
         status: "reloaded".into(),
         routes: r.routes,
         device_types: r.device_types,
-        restart_needed: r.restart_needed.iter().map(|k| k.to_string()).collect(),
+        sessions_closed: r.sessions_closed,
     }))
-}
-
-#[derive(Debug, Deserialize)]
-struct SessionQuery {
-    device: Option<String>,
 }
 
 async fn sessions(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<SessionQuery>,
-) -> Result<Json<Vec<crate::session::table::LiveSession>>, ApiError> {
+    axum::extract::Query(filter): axum::extract::Query<Filter>,
+) -> Result<Json<Vec<LiveSession>>, ApiError> {
     authorize(&s, &headers)?;
-    Ok(Json(s.sessions.list(q.device.as_deref())))
+    Ok(Json(s.sessions.list(&filter)))
 }
 
 async fn rejections(
@@ -424,6 +524,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices/{id}/resume", post(resume))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/deadletters", get(deadletters))
+        .route("/v1/devices/{id}/kick", post(kick))
+        .route("/v1/drain", post(drain))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/reload", post(reload_config))
         .route("/v1/sessions", get(sessions))
         .route("/v1/tls/reload", post(reload_tls))

@@ -126,7 +126,7 @@ mod tests {
                 "telemetry",
                 &s(&["door-lock", "env-sensor"]),
                 &s(&["ws://a:1/"]),
-                RULES,
+                crate::admission::routing::tests::options(RULES),
             )
             .unwrap(),
             Route::parse(
@@ -134,7 +134,7 @@ mod tests {
                 "control",
                 &s(&["door-lock"]),
                 &s(&["ws://b:2/"]),
-                RULES,
+                crate::admission::routing::tests::options(RULES),
             )
             .unwrap(),
         ])

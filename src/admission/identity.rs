@@ -95,8 +95,12 @@ impl RevocationIndex {
     }
 
     pub fn is_revoked(&self, cert: &PeerCertificate) -> bool {
-        self.revoked
-            .contains(&(cert.issuer.clone(), cert.serial.clone()))
+        self.lists(&cert.issuer, &cert.serial)
+    }
+
+    /// Whether a CRL of `issuer` (DER name) lists `serial`.
+    pub fn lists(&self, issuer: &[u8], serial: &[u8]) -> bool {
+        self.revoked.contains(&(issuer.to_vec(), serial.to_vec()))
     }
 
     /// Whether any CRL covering this certificate's issuer is past its next update at `now`.

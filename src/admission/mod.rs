@@ -5,6 +5,7 @@
 //! refusal to an HTTP answer is `wire`'s.
 
 pub mod decide;
+pub mod health;
 pub mod identity;
 pub mod routing;
 pub mod upgrade;

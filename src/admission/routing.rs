@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::Uri;
 
+use crate::model::SessionTimers;
 use crate::schema::{SchemaKind, SchemaSet};
 
 pub use crate::model::RouteKind;
@@ -63,6 +64,51 @@ pub struct FrameRules {
     pub invalid_frame_window: Duration,
 }
 
+/// What a route does when a device that already has a session on it connects again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePolicy {
+    /// The newcomer, once admitted, ends the older sessions (close 4007).
+    Takeover,
+    /// The newcomer is refused with 409 while a session is open.
+    Reject,
+    /// Up to this many sessions at once; one more is refused with 409.
+    Allow(usize),
+}
+
+impl DuplicatePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DuplicatePolicy::Takeover => "takeover",
+            DuplicatePolicy::Reject => "reject",
+            DuplicatePolicy::Allow(_) => "allow",
+        }
+    }
+}
+
+/// A route's settings besides its frames: session timers, duplicates, headers passed on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteOptions {
+    pub frames: FrameRules,
+    pub timers: SessionTimers,
+    pub duplicates: DuplicatePolicy,
+    /// Request headers of the device passed on to the backend (lower case, `_` folded to
+    /// `-`); nothing else is, apart from what the WebSocket handshake needs.
+    pub forward_headers: Vec<String>,
+}
+
+/// A header name as backends compare it: lower case, `_` read as `-` (many stacks fold it).
+pub fn fold_header_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
 /// A subprotocol's route.
 #[derive(Debug)]
 pub struct Route {
@@ -71,6 +117,9 @@ pub struct Route {
     pub device_types: Vec<String>,
     pub backends: Vec<BackendUrl>,
     pub frames: FrameRules,
+    pub timers: SessionTimers,
+    pub duplicates: DuplicatePolicy,
+    pub forward_headers: Vec<String>,
     next_backend: AtomicUsize,
 }
 
@@ -87,7 +136,7 @@ impl Route {
         kind: &str,
         device_types: &[String],
         backends: &[String],
-        frames: FrameRules,
+        options: RouteOptions,
     ) -> Result<Self, String> {
         if !is_token(subprotocol) {
             return Err("subprotocol must be a token (letters, digits and !#$%&'*+-.^_`|~)".into());
@@ -121,9 +170,22 @@ impl Route {
             kind,
             device_types: device_types.to_vec(),
             backends,
-            frames,
+            frames: options.frames,
+            timers: options.timers,
+            duplicates: options.duplicates,
+            forward_headers: options
+                .forward_headers
+                .iter()
+                .map(|h| fold_header_name(h))
+                .collect(),
             next_backend: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether the route passes the device's request header `name` on to the backend.
+    pub fn forwards_header(&self, name: &str) -> bool {
+        let name = fold_header_name(name);
+        self.forward_headers.contains(&name)
     }
 
     pub fn allows(&self, device_type: &str) -> bool {
@@ -207,8 +269,30 @@ impl RouteTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::model::PingRules;
+
+    /// Route options for tests elsewhere in the crate.
+    pub(crate) fn options(frames: FrameRules) -> RouteOptions {
+        let ping = PingRules {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        };
+        RouteOptions {
+            frames,
+            timers: SessionTimers {
+                device_ping: ping,
+                backend_ping: ping,
+                idle_timeout: None,
+                max_lifetime: None,
+                lifetime_jitter: 0.0,
+                write_timeout: Duration::from_secs(30),
+            },
+            duplicates: DuplicatePolicy::Allow(usize::MAX),
+            forward_headers: Vec::new(),
+        }
+    }
 
     const RULES: FrameRules = FrameRules {
         error_replies: true,
@@ -224,7 +308,7 @@ mod tests {
                 "telemetry",
                 &s(&["sensor", "lock"]),
                 &s(&["ws://a:1/", "ws://b:2/"]),
-                RULES,
+                options(RULES),
             )
             .unwrap(),
             Route::parse(
@@ -232,7 +316,7 @@ mod tests {
                 "control",
                 &s(&["lock"]),
                 &s(&["wss://c/"]),
-                RULES,
+                options(RULES),
             )
             .unwrap(),
         ])
@@ -285,6 +369,16 @@ mod tests {
         let second: Vec<_> = r.backend_order().map(|b| b.port).collect();
         assert_eq!(first, vec![1, 2]);
         assert_eq!(second, vec![2, 1]);
+    }
+
+    #[test]
+    fn header_allow_list_folds_underscores() {
+        let mut o = options(RULES);
+        o.forward_headers = vec!["User_Agent".into(), "x-trace-id".into()];
+        let r = Route::parse("t.v1", "telemetry", &["s".into()], &["ws://a/".into()], o).unwrap();
+        assert!(r.forwards_header("user-agent"));
+        assert!(r.forwards_header("X_Trace_Id"));
+        assert!(!r.forwards_header("x-forwarded-for"));
     }
 
     #[test]

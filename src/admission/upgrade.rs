@@ -44,6 +44,27 @@ const HOP_HEADERS: &[&str] = &[
     "sec-websocket-accept",
 ];
 
+/// Headers about the client's address and the path it came by: the gateway writes its own
+/// from the address it saw, so a device's are never passed on.
+const FORWARDING_HEADERS: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
+/// Whether a header (name folded by `routing::fold_header_name`) is the gateway's own and
+/// never passed on from the device, whatever a route allows.
+pub fn never_forwarded(folded: &str) -> bool {
+    folded.starts_with(IDENTITY_HEADER_PREFIX)
+        || HOP_HEADERS.contains(&folded)
+        || FORWARDING_HEADERS.contains(&folded)
+}
+
 /// A validated upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpgradeRequest {
@@ -51,7 +72,7 @@ pub struct UpgradeRequest {
     pub key: String,
     /// Offered subprotocols, in the device's order of preference.
     pub protocols: Vec<String>,
-    /// End-to-end headers to pass on to the backend.
+    /// End-to-end headers a route may pass on to the backend (its `forward_headers` pick).
     pub forward_headers: Vec<(String, Vec<u8>)>,
     /// How many `x-gatehouse-*` headers the device sent (dropped).
     pub dropped_identity_headers: usize,
@@ -82,6 +103,8 @@ struct Headers<'b> {
     protocols: Vec<String>,
     forward_headers: Vec<(String, Vec<u8>)>,
     dropped_identity_headers: usize,
+    /// A Content-Length other than 0, or a Transfer-Encoding: the request has a body.
+    body: bool,
 }
 
 impl<'b> Headers<'b> {
@@ -103,11 +126,16 @@ impl<'b> Headers<'b> {
                     out.key = Some(h.value)
                 }
                 "sec-websocket-protocol" => out.add_protocols(h.value)?,
+                "transfer-encoding" => out.body = true,
+                "content-length" => out.body |= h.value.trim_ascii() != b"0",
                 _ => {}
             }
-            if name.starts_with(IDENTITY_HEADER_PREFIX) {
+            // Compared as backends would read them: `X_Gatehouse_Device_Id` poses as the
+            // identity header on stacks that fold `_` into `-`.
+            let folded = super::routing::fold_header_name(&name);
+            if folded.starts_with(IDENTITY_HEADER_PREFIX) {
                 out.dropped_identity_headers += 1;
-            } else if !HOP_HEADERS.contains(&name.as_str()) {
+            } else if !never_forwarded(&folded) {
                 out.forward_headers.push((name, h.value.to_vec()));
             }
         }
@@ -182,6 +210,12 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
     let path = req.path.unwrap_or("/").to_string();
     let headers = Headers::scan(req.headers)?;
     let key = headers.key()?;
+    if headers.body {
+        // Bytes after the head would be read as the first WebSocket frame.
+        return Err(Refusal::BadRequest(
+            "an upgrade request has no body (Content-Length or Transfer-Encoding)",
+        ));
+    }
     Ok(Parsed::Complete(
         UpgradeRequest {
             path,
@@ -236,6 +270,18 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_and_identity_headers_are_never_candidates() {
+        let planted = GOOD.replace(
+            "User-Agent",
+            "X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nX_Gatehouse_Device_Id: evil\r\nContent-Length: 0\r\nAuthorization: Bearer x\r\nUser-Agent",
+        );
+        let r = complete(&planted);
+        assert_eq!(r.dropped_identity_headers, 2);
+        let names: Vec<_> = r.forward_headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["authorization", "user-agent"]);
+    }
+
+    #[test]
     fn partial_until_the_blank_line() {
         assert_eq!(parse(&GOOD.as_bytes()[..40], 8192), Ok(Parsed::Partial));
         assert_eq!(
@@ -267,6 +313,18 @@ mod tests {
             (
                 GOOD.replace("HTTP/1.1", "HTTP/1.0"),
                 Refusal::BadRequest("HTTP/1.1 is required"),
+            ),
+            (
+                GOOD.replace("User-Agent", "Content-Length: 5\r\nUser-Agent"),
+                Refusal::BadRequest(
+                    "an upgrade request has no body (Content-Length or Transfer-Encoding)",
+                ),
+            ),
+            (
+                GOOD.replace("User-Agent", "Transfer-Encoding: chunked\r\nUser-Agent"),
+                Refusal::BadRequest(
+                    "an upgrade request has no body (Content-Length or Transfer-Encoding)",
+                ),
             ),
         ];
         for (text, want) in cases {

@@ -42,6 +42,16 @@ pub enum DevicesCommand {
     Resume { id: String },
     /// Revoke a device (final).
     Revoke { id: String },
+    /// End a device's live sessions (close 4006) with a reason; it may reconnect.
+    Kick {
+        id: String,
+        /// Sent to the device and its backend in the close frame.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Only this connection id (see `gatehouse sessions`).
+        #[arg(long)]
+        connection: Option<String>,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -116,6 +126,42 @@ fn manifest_enrollments(path: &Path) -> anyhow::Result<Vec<Enrollment>> {
         });
     }
     Ok(out)
+}
+
+/// `gatehouse sessions`: the running gateway's live sessions.
+pub fn sessions(
+    config: &Config,
+    filter: gatehouse::session::table::Filter,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Access::Admin(c) = access(config)? else {
+        bail!("no gateway is running (its admin API does not answer)");
+    };
+    let sessions = c.sessions(&filter)?;
+    if json {
+        for s in &sessions {
+            println!("{}", serde_json::to_string(s)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<20} {:<14} {:<14} {:<22} {:>8} {:>8}  STARTED",
+        "CONNECTION", "DEVICE", "TYPE", "ROUTE", "PEER", "UP", "DOWN"
+    );
+    for s in &sessions {
+        println!(
+            "{:<20} {:<20} {:<14} {:<14} {:<22} {:>8} {:>8}  {}",
+            s.connection,
+            s.device,
+            s.device_type,
+            s.route,
+            s.peer,
+            s.frames_up,
+            s.frames_down,
+            rfc3339(s.started)
+        );
+    }
+    Ok(())
 }
 
 pub fn deadletters(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
@@ -238,15 +284,47 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
         }
         DevicesCommand::Show { id } => {
             gatehouse_pki::validate_device_id(&id)?;
-            let d = match &access {
-                Access::Admin(c) => c.show(&id)?,
-                Access::Direct(s) => s
-                    .devices
-                    .get(&id)
-                    .map(|d| (*d).clone())
-                    .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))?,
+            match &access {
+                Access::Admin(c) => {
+                    let view = c.show(&id)?;
+                    print_device(&view.device);
+                    if view.sessions.is_empty() {
+                        println!("sessions     none live");
+                    }
+                    for s in &view.sessions {
+                        println!(
+                            "session      {} {} -> {} from {} since {} ({} frames up, {} down)",
+                            s.connection,
+                            s.route,
+                            s.backend,
+                            s.peer,
+                            rfc3339(s.started),
+                            s.frames_up,
+                            s.frames_down
+                        );
+                    }
+                }
+                Access::Direct(s) => {
+                    let d = s
+                        .devices
+                        .get(&id)
+                        .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))?;
+                    print_device(&d);
+                    println!("sessions     none (no gateway is running)");
+                }
+            }
+        }
+        DevicesCommand::Kick {
+            id,
+            reason,
+            connection,
+        } => {
+            gatehouse_pki::validate_device_id(&id)?;
+            let Access::Admin(c) = &access else {
+                bail!("no gateway is running (its admin API does not answer): there are no sessions to end");
             };
-            print_device(&d);
+            let ended = c.kick(&id, &reason, connection.as_deref())?;
+            println!("ended {} session(s) of {id}", ended.sessions);
         }
         DevicesCommand::Suspend { id } => {
             let d = set_status(&id, DeviceStatus::Suspended)?;

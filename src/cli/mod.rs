@@ -52,8 +52,28 @@ pub enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
-    /// Ask the running gateway to reload TLS material and schemas (like SIGHUP).
+    /// Ask the running gateway to reload its configuration, TLS material and schemas (like
+    /// SIGHUP). A broken file, or a change that needs a restart, changes nothing.
     Reload,
+    /// Ask the running gateway to drain: new sessions get 503, open ones are closed with
+    /// 1001 spread over the grace period, then it exits.
+    Drain {
+        /// Time to spread the closes over (default: server.drain_grace_ms).
+        #[arg(long)]
+        grace_ms: Option<u64>,
+    },
+    /// List the running gateway's live sessions.
+    Sessions {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the device registry (through the admin API while the gateway runs).
     Devices {
         #[command(subcommand)]
@@ -103,6 +123,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve::serve(load(config)?),
         Command::Check => serve::check(config_path(config)?),
         Command::Reload => serve::reload(&load(config)?),
+        Command::Drain { grace_ms } => serve::drain(&load(config)?, grace_ms),
+        Command::Sessions {
+            device,
+            device_type,
+            route,
+            json,
+        } => devices::sessions(
+            &load(config)?,
+            gatehouse::session::table::Filter {
+                device,
+                device_type,
+                route,
+            },
+            json,
+        ),
         Command::Devices { command } => devices::devices(&load(config)?, command),
         Command::Deadletters { id, json } => devices::deadletters(&load(config)?, &id, json),
         Command::Audit { command } => audit::audit(config, command),

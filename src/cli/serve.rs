@@ -128,11 +128,23 @@ pub fn reload(config: &Config) -> anyhow::Result<()> {
     let client = AdminClient::new(admin.listen, admin.token.clone());
     let report = client.reload()?;
     println!(
-        "configuration, TLS material and schemas reloaded: {} route(s), {} device type(s)",
-        report.routes, report.device_types
+        "configuration, TLS material and schemas reloaded: {} route(s), {} device type(s), {} session(s) closed",
+        report.routes, report.device_types, report.sessions_closed
     );
-    for key in &report.restart_needed {
-        println!("warning: {key} changed but needs a restart; the running value stays");
-    }
+    Ok(())
+}
+
+/// Asks the running gateway to drain: new sessions refused, open ones closed over the grace
+/// period, then it exits.
+pub fn drain(config: &Config, grace_ms: Option<u64>) -> anyhow::Result<()> {
+    let Some(admin) = &config.admin else {
+        bail!("no [admin] section: stop the gateway with SIGTERM instead");
+    };
+    let client = AdminClient::new(admin.listen, admin.token.clone());
+    let report = client.drain(grace_ms)?;
+    println!(
+        "draining: {} session(s) closing over {} ms; the gateway exits when they are gone",
+        report.sessions, report.grace_ms
+    );
     Ok(())
 }

@@ -84,3 +84,37 @@ pub const DEFAULT_MAX_OPEN_COMMANDS: usize = 256;
 /// Rejection log lines allowed per second, across sessions, before they are suppressed and
 /// counted: 20.
 pub const DEFAULT_REJECTION_LOG_LINES_PER_SECOND: u32 = 20;
+
+/// Silence from a device after which the gateway pings it: 30 s, well inside the idle timers
+/// of carrier NATs (typically 2-5 min), so a dead link is found in under a minute.
+pub const DEFAULT_DEVICE_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Time a device has to answer the gateway's ping: 15 s covers a slow cellular round trip.
+pub const DEFAULT_DEVICE_PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Silence from a backend after which the gateway pings it: 15 s (backends are near).
+pub const DEFAULT_BACKEND_PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Time a backend has to answer the gateway's ping: 10 s.
+pub const DEFAULT_BACKEND_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sessions with no data frame either way are kept: devices' duty cycles vary from seconds to
+/// hours, and the pings already find dead links. Set `idle_timeout_ms` per route to end them.
+pub const DEFAULT_IDLE_TIMEOUT: Option<Duration> = None;
+/// Longest session: 24 h, so that every device authenticates again at least daily.
+pub const DEFAULT_MAX_LIFETIME: Option<Duration> = Some(Duration::from_secs(24 * 3600));
+/// Share of `max_lifetime` taken off at random per session: 10 %.
+pub const DEFAULT_LIFETIME_JITTER_PERCENT: u8 = 10;
+/// Time a side may accept no bytes while frames wait for it: 30 s.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive on both sockets of a session: first probe after 60 s idle, then every 10 s,
+/// 3 probes; the kernel drops a dead peer's socket even when nothing is written to it.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+/// What a second session of a device on a route does unless the route says: takes over.
+pub const DEFAULT_DUPLICATES: &str = "takeover";
+/// Consecutive failed connects after which a backend is ejected from its pool: 3.
+pub const DEFAULT_EJECT_AFTER_FAILURES: u32 = 3;
+/// First ejection: 2 s; each further one in a row doubles it, up to `DEFAULT_EJECT_MAX`.
+pub const DEFAULT_EJECT_BASE: Duration = Duration::from_secs(2);
+/// Longest ejection: 60 s.
+pub const DEFAULT_EJECT_MAX: Duration = Duration::from_secs(60);
+/// Time given to open sessions to close, spread over it, on `drain`: 30 s.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);

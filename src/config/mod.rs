@@ -19,8 +19,10 @@ pub mod template;
 
 pub use defaults::*;
 
+pub use crate::admission::health::HealthRules;
 pub use crate::admission::identity::StaleCrlPolicy;
-use crate::admission::routing::{FrameRules, Route, RouteTable};
+use crate::admission::routing::{DuplicatePolicy, FrameRules, Route, RouteOptions, RouteTable};
+use crate::model::{PingRules, SessionTimers};
 pub use schemas::load_schemas;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub deadletter: FileDeadLetter,
     pub audit: Option<FileAudit>,
+    #[serde(default)]
+    pub session: FileSession,
     #[serde(default, rename = "route")]
     pub routes: Vec<FileRoute>,
 }
@@ -101,6 +105,51 @@ pub struct FileServer {
     pub max_request_header_bytes: Option<usize>,
     pub close_timeout_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
+    /// Idle time before TCP keepalive probes start on both sockets; 0 turns keepalive off.
+    pub tcp_keepalive_ms: Option<u64>,
+    pub drain_grace_ms: Option<u64>,
+}
+
+/// Session timers: `[session]` holds the defaults, `[route.session]` a route's own.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSession {
+    pub device_ping_interval_ms: Option<u64>,
+    pub device_ping_timeout_ms: Option<u64>,
+    pub backend_ping_interval_ms: Option<u64>,
+    pub backend_ping_timeout_ms: Option<u64>,
+    /// 0: no idle timeout.
+    pub idle_timeout_ms: Option<u64>,
+    /// 0: no maximum lifetime.
+    pub max_lifetime_ms: Option<u64>,
+    pub lifetime_jitter_percent: Option<u8>,
+    pub write_timeout_ms: Option<u64>,
+}
+
+impl FileSession {
+    /// This section's values, with `defaults`' where this one has none.
+    fn or(self, defaults: &FileSession) -> FileSession {
+        FileSession {
+            device_ping_interval_ms: self
+                .device_ping_interval_ms
+                .or(defaults.device_ping_interval_ms),
+            device_ping_timeout_ms: self
+                .device_ping_timeout_ms
+                .or(defaults.device_ping_timeout_ms),
+            backend_ping_interval_ms: self
+                .backend_ping_interval_ms
+                .or(defaults.backend_ping_interval_ms),
+            backend_ping_timeout_ms: self
+                .backend_ping_timeout_ms
+                .or(defaults.backend_ping_timeout_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(defaults.idle_timeout_ms),
+            max_lifetime_ms: self.max_lifetime_ms.or(defaults.max_lifetime_ms),
+            lifetime_jitter_percent: self
+                .lifetime_jitter_percent
+                .or(defaults.lifetime_jitter_percent),
+            write_timeout_ms: self.write_timeout_ms.or(defaults.write_timeout_ms),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +195,12 @@ pub struct FileBackend {
     pub ca: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Consecutive failed connects that eject a backend; 0 never ejects.
+    pub eject_after_failures: Option<u32>,
+    pub eject_base_ms: Option<u64>,
+    pub eject_max_ms: Option<u64>,
+    /// Connect to every backend on this interval (active check); absent: passive only.
+    pub health_check_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +213,12 @@ pub struct FileRoute {
     pub error_replies: Option<bool>,
     pub invalid_frame_limit: Option<u32>,
     pub invalid_frame_window_ms: Option<u64>,
+    /// `takeover` (default), `reject`, or `allow` (with `max_sessions_per_device`).
+    pub duplicates: Option<String>,
+    pub max_sessions_per_device: Option<usize>,
+    /// Request headers of the device passed on to the backend.
+    pub forward_headers: Option<Vec<String>>,
+    pub session: Option<FileSession>,
 }
 
 /// TLS protocol versions the gateway accepts.
@@ -259,6 +320,8 @@ pub struct BackendConfig {
     pub connect_timeout: Duration,
     pub ca: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub health: HealthRules,
+    pub health_check_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,6 +384,10 @@ pub struct RuntimeConfig {
     pub handshake_timeout: Duration,
     pub max_request_header_bytes: usize,
     pub close_timeout: Duration,
+    /// TCP keepalive idle time on both sockets of a session; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
+    /// Time `drain` spreads the closing of open sessions over.
+    pub drain_grace: Duration,
     /// Payload bytes kept per dead letter.
     pub dead_letter_payload_bytes: usize,
     pub commands: CommandRules,
@@ -338,7 +405,11 @@ impl Config {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = Self::from_file(file, base)?;
+        // Errors name the file as well as the key.
+        let mut config = Self::from_file(file, base).map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
@@ -358,7 +429,7 @@ impl Config {
             .transpose()?;
         let websocket = WebSocketLimits::try_from(file.websocket)?;
         let backend = BackendConfig::try_from(at(file.backend, base))?;
-        let routes = RouteTable::try_from(file.routes)?;
+        let routes = RouteTable::try_from((file.routes, file.session))?;
         if let Some(route) = routes.iter().find(|r| r.uses_tls()) {
             if backend.ca.is_none() {
                 return Err(invalid(format!(
@@ -404,6 +475,8 @@ impl Config {
                 handshake_timeout: server.handshake_timeout,
                 max_request_header_bytes: server.max_request_header_bytes,
                 close_timeout: server.close_timeout,
+                tcp_keepalive: server.tcp_keepalive,
+                drain_grace: server.drain_grace,
                 commands,
             },
             source: None,
@@ -478,6 +551,17 @@ struct ServerSection {
     max_request_header_bytes: usize,
     close_timeout: Duration,
     shutdown_grace: Duration,
+    tcp_keepalive: Option<Duration>,
+    drain_grace: Duration,
+}
+
+/// A duration in milliseconds where 0 turns the feature off.
+fn ms_or_off(v: Option<u64>, default: Option<Duration>) -> Option<Duration> {
+    match v {
+        None => default,
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+    }
 }
 
 impl TryFrom<Section<'_, FileServer>> for ServerSection {
@@ -527,6 +611,12 @@ impl TryFrom<Section<'_, FileServer>> for ServerSection {
                 s.shutdown_grace_ms,
                 DEFAULT_SHUTDOWN_GRACE,
                 "server.shutdown_grace_ms",
+            )?,
+            tcp_keepalive: ms_or_off(s.tcp_keepalive_ms, Some(DEFAULT_TCP_KEEPALIVE)),
+            drain_grace: ms(
+                s.drain_grace_ms,
+                DEFAULT_DRAIN_GRACE,
+                "server.drain_grace_ms",
             )?,
         })
     }
@@ -656,23 +746,124 @@ impl TryFrom<Section<'_, FileBackend>> for BackendConfig {
             )?,
             ca: b.ca.as_deref().map(|p| section.path(p)),
             client_cert,
+            health: {
+                let rules = HealthRules {
+                    eject_after: b
+                        .eject_after_failures
+                        .unwrap_or(DEFAULT_EJECT_AFTER_FAILURES),
+                    base: ms(b.eject_base_ms, DEFAULT_EJECT_BASE, "backend.eject_base_ms")?,
+                    max: ms(b.eject_max_ms, DEFAULT_EJECT_MAX, "backend.eject_max_ms")?,
+                };
+                if rules.max < rules.base {
+                    return Err(invalid(
+                        "backend.eject_max_ms must be at least backend.eject_base_ms",
+                    ));
+                }
+                rules
+            },
+            health_check_interval: b
+                .health_check_interval_ms
+                .map(|v| {
+                    ms(
+                        Some(v),
+                        DEFAULT_BACKEND_CONNECT_TIMEOUT,
+                        "backend.health_check_interval_ms",
+                    )
+                })
+                .transpose()?,
         })
     }
 }
 
-impl TryFrom<Vec<FileRoute>> for RouteTable {
+/// Session timers from a `[session]` or `[route.session]` section (defaults filled in);
+/// `at` names the section in errors.
+fn session_timers(f: &FileSession, at: &str) -> Result<SessionTimers, ConfigError> {
+    let key = |k: &str| format!("{at}.{k}");
+    let timers = SessionTimers {
+        device_ping: PingRules {
+            interval: ms(
+                f.device_ping_interval_ms,
+                DEFAULT_DEVICE_PING_INTERVAL,
+                &key("device_ping_interval_ms"),
+            )?,
+            timeout: ms(
+                f.device_ping_timeout_ms,
+                DEFAULT_DEVICE_PING_TIMEOUT,
+                &key("device_ping_timeout_ms"),
+            )?,
+        },
+        backend_ping: PingRules {
+            interval: ms(
+                f.backend_ping_interval_ms,
+                DEFAULT_BACKEND_PING_INTERVAL,
+                &key("backend_ping_interval_ms"),
+            )?,
+            timeout: ms(
+                f.backend_ping_timeout_ms,
+                DEFAULT_BACKEND_PING_TIMEOUT,
+                &key("backend_ping_timeout_ms"),
+            )?,
+        },
+        idle_timeout: ms_or_off(f.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT),
+        max_lifetime: ms_or_off(f.max_lifetime_ms, DEFAULT_MAX_LIFETIME),
+        lifetime_jitter: {
+            let percent = f
+                .lifetime_jitter_percent
+                .unwrap_or(DEFAULT_LIFETIME_JITTER_PERCENT);
+            if percent > 50 {
+                return Err(invalid(format!(
+                    "{} must be between 0 and 50",
+                    key("lifetime_jitter_percent")
+                )));
+            }
+            f64::from(percent) / 100.0
+        },
+        write_timeout: ms(
+            f.write_timeout_ms,
+            DEFAULT_WRITE_TIMEOUT,
+            &key("write_timeout_ms"),
+        )?,
+    };
+    Ok(timers)
+}
+
+fn duplicate_policy(r: &FileRoute) -> Result<DuplicatePolicy, ConfigError> {
+    let at = format!("route {:?}", r.subprotocol);
+    match (
+        r.duplicates.as_deref().unwrap_or(DEFAULT_DUPLICATES),
+        r.max_sessions_per_device,
+    ) {
+        ("takeover", None) => Ok(DuplicatePolicy::Takeover),
+        ("reject", None) => Ok(DuplicatePolicy::Reject),
+        ("allow", Some(n)) if n >= 1 => Ok(DuplicatePolicy::Allow(n)),
+        ("allow", _) => Err(invalid(format!(
+            "{at}: duplicates = \"allow\" needs max_sessions_per_device = N (at least 1)"
+        ))),
+        ("takeover" | "reject", Some(_)) => Err(invalid(format!(
+            "{at}: max_sessions_per_device only goes with duplicates = \"allow\""
+        ))),
+        (other, _) => Err(invalid(format!(
+            "{at}: duplicates = {other:?}: use \"takeover\" (default: a new session ends the older one), \"reject\" (409 while one is open) or \"allow\" with max_sessions_per_device"
+        ))),
+    }
+}
+
+/// The `[[route]]` sections, with `[session]`'s timers as defaults for each route's own.
+impl TryFrom<(Vec<FileRoute>, FileSession)> for RouteTable {
     type Error = ConfigError;
 
-    fn try_from(file: Vec<FileRoute>) -> Result<Self, ConfigError> {
+    fn try_from((file, session): (Vec<FileRoute>, FileSession)) -> Result<Self, ConfigError> {
         if file.is_empty() {
             return Err(invalid(
                 "no [[route]] sections: add at least one, e.g. [[route]] subprotocol = \"telemetry.v1\", kind = \"telemetry\", device_types = [\"env-sensor\"], backends = [\"ws://127.0.0.1:9001/ingest\"]",
             ));
         }
+        // The global section is checked on its own, so its errors name it.
+        session_timers(&session, "session")?;
         let mut seen = HashSet::new();
         let mut routes = Vec::new();
         for r in file {
-            let rules = FrameRules {
+            let frames = FrameRules {
                 error_replies: r.error_replies.unwrap_or(DEFAULT_ERROR_REPLIES),
                 invalid_frame_limit: r.invalid_frame_limit.unwrap_or(DEFAULT_INVALID_FRAME_LIMIT),
                 invalid_frame_window: ms(
@@ -681,8 +872,32 @@ impl TryFrom<Vec<FileRoute>> for RouteTable {
                     "route.invalid_frame_window_ms",
                 )?,
             };
-            let route = Route::parse(&r.subprotocol, &r.kind, &r.device_types, &r.backends, rules)
-                .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?;
+            let at = format!("route {:?} session", r.subprotocol);
+            let timers = session_timers(&r.session.clone().unwrap_or_default().or(&session), &at)?;
+            let forward_headers = r.forward_headers.clone().unwrap_or_default();
+            for h in &forward_headers {
+                let folded = crate::admission::routing::fold_header_name(h);
+                if crate::admission::upgrade::never_forwarded(&folded) {
+                    return Err(invalid(format!(
+                        "route {:?}: forward_headers names {h:?}, which the gateway never passes on (handshake, hop-by-hop, forwarding and identity headers are its own)",
+                        r.subprotocol
+                    )));
+                }
+            }
+            let options = RouteOptions {
+                frames,
+                timers,
+                duplicates: duplicate_policy(&r)?,
+                forward_headers,
+            };
+            let route = Route::parse(
+                &r.subprotocol,
+                &r.kind,
+                &r.device_types,
+                &r.backends,
+                options,
+            )
+            .map_err(|e| invalid(format!("route {:?}: {e}", r.subprotocol)))?;
             if !seen.insert(route.subprotocol.clone()) {
                 return Err(invalid(format!(
                     "subprotocol {:?} is routed twice: each subprotocol names one route",

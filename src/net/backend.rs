@@ -1,8 +1,13 @@
 //! Backend connections: opens a WebSocket to a backend of the chosen route (round-robin,
-//! skipping backends that fail), carrying the subprotocol and the device identity headers.
-//! Does not decide the route (`admission::routing`) nor relay frames (`session::relay`).
+//! skipping backends that fail or are ejected), carrying the subprotocol, the device identity
+//! headers, the forwarding headers the gateway writes from the address it saw, and the
+//! device's headers the route allows. The [`HealthTable`] keeps each backend's passive health
+//! (`admission::health`) across reloads. Does not decide the route (`admission::routing`)
+//! nor relay frames (`session::relay`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::ClientConfig;
@@ -15,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::either::Either;
 
+use crate::admission::health::{BackendHealth, Change, HealthRules};
 use crate::admission::routing::{BackendUrl, Route};
 
 pub type BackendStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
@@ -32,6 +38,94 @@ pub struct DeviceIdentity<'a> {
     pub device_type: &'a str,
     pub cert_sha256: &'a str,
     pub connection_id: &'a str,
+    /// The device's address as the gateway saw it.
+    pub peer: IpAddr,
+}
+
+/// `Forwarded` (RFC 7239) for a client address: IPv6 quoted in brackets.
+fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// Every backend's passive health, by URL; kept across reloads.
+#[derive(Debug)]
+pub struct HealthTable {
+    epoch: tokio::time::Instant,
+    backends: Mutex<HashMap<String, BackendHealth>>,
+}
+
+impl Default for HealthTable {
+    fn default() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            backends: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl HealthTable {
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.epoch)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BackendHealth>> {
+        self.backends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `url` may be tried now.
+    pub fn available(&self, url: &str) -> bool {
+        let now = self.now();
+        self.lock().get(url).is_none_or(|h| h.available(now))
+    }
+
+    /// Records a connect outcome; logs ejections and recoveries.
+    pub fn record(&self, url: &str, ok: bool, rules: &HealthRules) {
+        let now = self.now();
+        let change = {
+            let mut backends = self.lock();
+            if ok && !backends.contains_key(url) {
+                return;
+            }
+            let health = backends.entry(url.to_string()).or_default();
+            let change = if ok {
+                health.succeeded()
+            } else {
+                health.failed(now, rules)
+            };
+            if ok {
+                backends.remove(url);
+            }
+            change
+        };
+        match change {
+            Change::None => {}
+            Change::Ejected { for_, nth } => tracing::warn!(
+                backend = url,
+                ejected_ms = for_.as_millis() as u64,
+                ejections_in_row = nth,
+                "backend ejected from its pool after failed connects"
+            ),
+            Change::Recovered => {
+                tracing::info!(backend = url, "backend recovered; back in its pool")
+            }
+        }
+    }
+
+    /// The backends ejected now.
+    pub fn ejected(&self) -> Vec<String> {
+        let now = self.now();
+        let mut out: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.is_ejected(now))
+            .map(|(u, _)| u.clone())
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +148,8 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("every backend of the route is ejected after failed connects")]
+    AllEjected,
     #[error("WebSocket upgrade to {url}: {source}")]
     Upgrade {
         url: String,
@@ -92,26 +188,46 @@ impl Connector {
         }
     }
 
-    /// Tries the route's backends in round-robin order. Returns the first that accepts, or
-    /// every failure when none does.
+    /// Tries the route's backends that are not ejected, in round-robin order. Returns the
+    /// first that accepts, or every failure when none does (only [`BackendError::AllEjected`]
+    /// when none could be tried).
     pub async fn connect_route<'r>(
         &self,
         route: &'r Route,
         identity: &DeviceIdentity<'_>,
         forward_headers: &[(String, Vec<u8>)],
+        health: &HealthTable,
+        rules: &HealthRules,
+        keepalive: Option<Duration>,
     ) -> Result<(BackendSocket, &'r BackendUrl), Vec<BackendError>> {
         let mut errors = Vec::new();
         for backend in route.backend_order() {
+            if !health.available(&backend.url) {
+                continue;
+            }
             match self
-                .connect(backend, &route.subprotocol, identity, forward_headers)
+                .connect(
+                    backend,
+                    &route.subprotocol,
+                    identity,
+                    forward_headers,
+                    keepalive,
+                )
                 .await
             {
-                Ok(socket) => return Ok((socket, backend)),
+                Ok(socket) => {
+                    health.record(&backend.url, true, rules);
+                    return Ok((socket, backend));
+                }
                 Err(e) => {
                     tracing::warn!(backend = %backend, error = %e, "backend connection failed, trying the next");
+                    health.record(&backend.url, false, rules);
                     errors.push(e);
                 }
             }
+        }
+        if errors.is_empty() {
+            errors.push(BackendError::AllEjected);
         }
         Err(errors)
     }
@@ -123,10 +239,11 @@ impl Connector {
         subprotocol: &str,
         identity: &DeviceIdentity<'_>,
         forward_headers: &[(String, Vec<u8>)],
+        keepalive: Option<Duration>,
     ) -> Result<BackendSocket, BackendError> {
         tokio::time::timeout(
             self.connect_timeout,
-            self.connect_inner(backend, subprotocol, identity, forward_headers),
+            self.connect_inner(backend, subprotocol, identity, forward_headers, keepalive),
         )
         .await
         .map_err(|_| BackendError::Timeout(backend.url.clone()))?
@@ -138,6 +255,7 @@ impl Connector {
         subprotocol: &str,
         identity: &DeviceIdentity<'_>,
         forward_headers: &[(String, Vec<u8>)],
+        keepalive: Option<Duration>,
     ) -> Result<BackendSocket, BackendError> {
         let upgrade_err = |source| BackendError::Upgrade {
             url: backend.url.clone(),
@@ -170,6 +288,16 @@ impl Connector {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
+        // The gateway's own view of where the device is; the device's claims never pass.
+        let forwarding = [
+            ("x-forwarded-for", identity.peer.to_string()),
+            ("forwarded", forwarded_for(identity.peer)),
+        ];
+        for (name, value) in forwarding {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
 
         let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
             .await
@@ -178,6 +306,7 @@ impl Connector {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        super::keepalive(&tcp, keepalive);
         let stream = if backend.tls {
             let tls = self.tls.as_ref().ok_or_else(|| BackendError::NoTls {
                 url: backend.url.clone(),

@@ -17,8 +17,24 @@ pub fn websocket_config(
         .write_buffer_size(limits.write_buffer_bytes)
         // A queued message plus one write buffer: the relay never queues more than one
         // message per direction, so this bound is never the one that applies.
-        .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes + 64)
+        // The slack holds the gateway's own pings and error frames queued behind it.
+        .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes + 4096)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_frame_bytes))
         .accept_unmasked_frames(false)
+}
+
+/// Turns TCP keepalive on for a session's socket: first probe after `idle` without traffic,
+/// then every `TCP_KEEPALIVE_INTERVAL`, `TCP_KEEPALIVE_PROBES` probes. `None` leaves it off.
+pub fn keepalive(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {
+    let Some(idle) = idle else {
+        return;
+    };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(crate::config::TCP_KEEPALIVE_INTERVAL)
+        .with_retries(crate::config::TCP_KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
 }

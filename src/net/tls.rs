@@ -108,6 +108,8 @@ pub struct TlsState {
     provider: Arc<CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     current: ArcSwap<Loaded>,
+    /// Counts reloads; sessions are checked against the new CRLs on each change.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -127,7 +129,13 @@ impl TlsState {
             provider,
             ticketer,
             current: ArcSwap::from_pointee(loaded),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes on every successful reload (SIGHUP, admin API, a file change, a config reload).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     pub fn current(&self) -> Arc<Loaded> {
@@ -148,6 +156,7 @@ impl TlsState {
     pub fn reload_with(&self, cfg: &TlsConfig) -> Result<(), TlsError> {
         let loaded = build(cfg, &self.provider, &self.ticketer)?;
         self.current.store(Arc::new(loaded));
+        self.reloads.send_modify(|n| *n += 1);
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! and a connection that has sent its request gets a complete 503 rather than a dropped
 //! socket.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use super::table::{Admitted, Registration, SessionHandle};
 use super::Shared;
 use crate::admission::identity::{IdentityError, PeerCertificate};
 use crate::admission::routing::Route;
@@ -24,7 +26,7 @@ use crate::admission::{admit, Admission};
 use crate::audit::{Record, RecordKind};
 use crate::live::Live;
 use crate::model::Device;
-use crate::net::backend::{BackendSocket, DeviceIdentity};
+use crate::net::backend::{BackendError, BackendSocket, DeviceIdentity};
 use crate::wire::Refusal;
 
 /// Longest time to write an answer (a refusal or the 101) and close TLS: 2 s. A device that
@@ -47,8 +49,15 @@ pub struct Upgraded {
     pub device: Arc<Device>,
     /// Lower-case hex SHA-256 of the certificate the device presented.
     pub cert_sha256: String,
+    pub cert_issuer: Vec<u8>,
+    pub cert_serial: Vec<u8>,
+    /// The certificate's notAfter, Unix time.
+    pub cert_not_after: i64,
     pub route: Arc<Route>,
     pub backend_url: String,
+    /// The session's place in the table (entered at admission) and its handle.
+    pub registration: Registration,
+    pub handle: SessionHandle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +115,10 @@ async fn greeting(
 
 /// Runs the handshake of one connection.
 pub async fn handshake(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     live: &Live,
     tcp: TcpStream,
+    peer: SocketAddr,
     conn_id: &str,
 ) -> Result<Outcome, HandshakeError> {
     let loaded = shared.tls.current();
@@ -143,6 +153,11 @@ pub async fn handshake(
     };
     if shared.shutdown.is_cancelled() {
         refuse(&mut tls, &Refusal::ShuttingDown).await?;
+        return Ok(Outcome::Refused);
+    }
+    if shared.draining.is_cancelled() {
+        tracing::info!(refusal = Refusal::Draining.code(), "refused: draining");
+        refuse(&mut tls, &Refusal::Draining).await?;
         return Ok(Outcome::Refused);
     }
 
@@ -182,14 +197,49 @@ pub async fn handshake(
         tracing::warn!(device.id = %device.id, count = request.dropped_identity_headers, "device sent x-gatehouse-* headers; dropped");
     }
 
-    let (backend, backend_url) =
-        match connect_backend(shared, live, &device, &route, &cert, conn_id, &request).await {
-            Ok(connected) => connected,
-            Err(refusal) => {
-                refuse(&mut tls, &refusal).await?;
-                return Ok(Outcome::Refused);
-            }
-        };
+    // Entered in the session table now, so the duplicate policy also counts handshakes in
+    // flight, and a suspension from here on reaches this session.
+    let handle = SessionHandle::child_of(&shared.shutdown);
+    let admitted = Admitted {
+        connection: conn_id.to_string(),
+        device: device.id.clone(),
+        device_type: device.device_type.clone(),
+        route: route.subprotocol.clone(),
+        peer: peer.to_string(),
+        cert_sha256: cert.fingerprint.to_string(),
+        cert_issuer: cert.issuer.clone(),
+        cert_serial: cert.serial.clone(),
+        started: time::OffsetDateTime::now_utc(),
+    };
+    let registration = match shared
+        .sessions
+        .admit(admitted, route.duplicates, handle.clone())
+    {
+        Ok(r) => r,
+        Err(refusal) => {
+            log_refusal(shared, conn_id, &refusal, Some(&device.id), &cert, resumed);
+            refuse(&mut tls, &refusal).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
+
+    let connected = connect_backend(
+        shared,
+        live,
+        &device,
+        &route,
+        &cert,
+        (conn_id, peer),
+        &request,
+    )
+    .await;
+    let (backend, backend_url) = match connected {
+        Ok(connected) => connected,
+        Err(refusal) => {
+            refuse(&mut tls, &refusal).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
 
     accept_upgrade(&mut tls, &request.key, &route.subprotocol).await?;
     let device_ws = WebSocketStream::from_partially_read(
@@ -204,8 +254,13 @@ pub async fn handshake(
         backend,
         device,
         cert_sha256: cert.fingerprint.to_string(),
+        cert_issuer: cert.issuer,
+        cert_serial: cert.serial,
+        cert_not_after: cert.not_after,
         route,
         backend_url,
+        registration,
+        handle,
     })))
 }
 
@@ -218,7 +273,7 @@ async fn connect_backend(
     device: &Device,
     route: &Route,
     cert: &PeerCertificate,
-    conn_id: &str,
+    (conn_id, peer): (&str, SocketAddr),
     request: &UpgradeRequest,
 ) -> Result<(BackendSocket, String), Refusal> {
     let fingerprint = cert.fingerprint.to_string();
@@ -227,19 +282,37 @@ async fn connect_backend(
         device_type: &device.device_type,
         cert_sha256: &fingerprint,
         connection_id: conn_id,
+        peer: peer.ip(),
     };
+    // Only what the route allows; the upgrade parser already left out what never passes.
+    let headers: Vec<(String, Vec<u8>)> = request
+        .forward_headers
+        .iter()
+        .filter(|(name, _)| route.forwards_header(name))
+        .cloned()
+        .collect();
+    let runtime = &live.config;
     let connected = tokio::select! {
         // Cancel-safe: an unfinished backend connection is dropped.
         _ = shared.shutdown.cancelled() => return Err(Refusal::ShuttingDown),
-        r = live.connector.connect_route(route, &identity, &request.forward_headers) => r,
+        r = live.connector.connect_route(
+            route,
+            &identity,
+            &headers,
+            &shared.backend_health,
+            &runtime.backend.health,
+            runtime.tcp_keepalive,
+        ) => r,
     };
     match connected {
         Ok((backend, url)) => Ok((backend, url.url.clone())),
         Err(errors) => {
+            let all_ejected = matches!(errors.as_slice(), [BackendError::AllEjected]);
             tracing::warn!(
                 device.id = %device.id,
                 route = %route.subprotocol,
-                attempts = errors.len(),
+                attempts = if all_ejected { 0 } else { errors.len() },
+                all_ejected,
                 "refused: no backend of the route accepted the connection"
             );
             Err(Refusal::BackendUnavailable)

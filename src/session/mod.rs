@@ -14,6 +14,7 @@ mod tests;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,7 @@ use crate::config::Config;
 use crate::config::DEFAULT_REJECTION_LOG_LINES_PER_SECOND;
 use crate::live::LiveHandle;
 use crate::net::tls::TlsState;
+use crate::policy::liveness::Liveness;
 use crate::policy::rejections::{LogLimiter, RejectionStats};
 use crate::storage::{DeadLetterSink, DeviceStore};
 use handshake::{Outcome, Upgraded};
@@ -44,6 +46,10 @@ pub struct Shared {
     pub rejection_log: Arc<LogLimiter>,
     /// Every live session, with a handle to end it.
     pub sessions: Arc<table::SessionTable>,
+    /// Fires when the gateway starts draining: new handshakes get 503.
+    pub draining: CancellationToken,
+    /// Every backend's passive health, kept across reloads.
+    pub backend_health: Arc<crate::net::backend::HealthTable>,
     boot_id: u64,
     next_connection: AtomicU64,
 }
@@ -79,6 +85,8 @@ impl Shared {
             audit: frames.audit,
             rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
             sessions: Arc::new(table::SessionTable::default()),
+            draining: CancellationToken::new(),
+            backend_health: Arc::new(crate::net::backend::HealthTable::default()),
             boot_id,
             next_connection: AtomicU64::new(1),
         }
@@ -118,7 +126,8 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         // One snapshot of the runtime configuration for the whole handshake and session setup.
         let live = shared.live.load_full();
-        let upgraded = match handshake::handshake(&shared, &live, tcp, &conn_id).await {
+        crate::net::keepalive(&tcp, live.config.tcp_keepalive);
+        let upgraded = match handshake::handshake(&shared, &live, tcp, peer, &conn_id).await {
             Ok(Outcome::Upgraded(u)) => u,
             Ok(Outcome::Refused) => return,
             Err(e) => {
@@ -131,32 +140,37 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             mut backend,
             device,
             cert_sha256,
+            cert_issuer,
+            cert_serial,
+            cert_not_after,
             route,
             backend_url,
+            registration,
+            handle,
         } = *upgraded;
-        let stop = table::EndHandle::child_of(&shared.shutdown);
-        let _registration = shared.sessions.register(
-            table::LiveSession {
-                connection: conn_id.clone(),
-                device: device.id.clone(),
-                device_type: device.device_type.clone(),
-                route: route.subprotocol.clone(),
-                backend: backend_url.clone(),
-                peer: peer.to_string(),
-                cert_sha256,
-                started: time::OffsetDateTime::now_utc(),
-            },
-            stop.clone(),
-        );
-        // A registry change between admission and registration is not missed: apply the
-        // device's record as it is now.
-        if let Some(now) = shared.registry.get(&device.id) {
-            shared.sessions.apply(&crate::model::DeviceChange {
-                device: now,
-                removed_fingerprints: Vec::new(),
-            });
+        let taken_over = registration.upgraded(&backend_url);
+        if !taken_over.is_empty() {
+            tracing::info!(device.id = %device.id, route = %route.subprotocol, taken_over = ?taken_over, "takeover: this session ends the device's older sessions on the route");
+        }
+        // A registry change or CRL reload between admission and now is not missed: check the
+        // device's record and the CRLs as they are now.
+        if let Some(why) = shared
+            .registry
+            .get(&device.id)
+            .and_then(|now| table::registry_ending(&now, &cert_sha256))
+        {
+            handle.end(why);
+        }
+        if shared.tls.current().crls.lists(&cert_issuer, &cert_serial) {
+            handle.end(crate::wire::Ending::CertificateRevoked);
         }
         tracing::debug!(device.id = %device.id, route = %route.subprotocol, backend = %backend_url, "session open");
+        let expires_in = cert_not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+        let clock = Liveness::new(
+            route.timers,
+            fastrand::f64(),
+            Some(Duration::from_secs(expires_in.max(0) as u64)),
+        );
         let info = Arc::new(SessionInfo {
             device_id: device.id.clone(),
             device_type: device.device_type.clone(),
@@ -177,12 +191,14 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let (end, stats) = relay::relay(
             &mut device_ws,
             &mut backend,
-            &stop,
+            &handle,
             close_timeout,
+            clock,
             &mut chain,
         )
         .await;
         chain.finish(&end);
+        drop(registration);
         tracing::info!(
             device.id = %info.device_id,
             device.r#type = %info.device_type,

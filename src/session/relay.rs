@@ -1,14 +1,19 @@
 //! The frame relay between a device's WebSocket and its backend's, in one task with no locks
-//! and no queues: each direction holds at most one message in flight, and reads from its
-//! source only when the previous message was accepted by the destination, so a slow reader on
-//! one side slows the other side down instead of growing memory. Writes are batched: the
-//! destination is flushed when the source has nothing more ready. Close frames pass through;
-//! how a session ends maps to close frames in `wire::SessionEnd`. Every data frame is shown
-//! to an [`Inspector`] first (the session's frame steps); a rejected frame is not forwarded
-//! and the inspector's error frame goes back to its sender.
+//! and no queues: each direction holds at most one message in flight (and one read ahead
+//! while its destination is blocked, so that a source that closes or vanishes is still
+//! seen), so a slow reader on one side slows the other side down instead of growing memory.
+//! Writes are batched: the destination is flushed when the source has nothing more ready.
+//! Close frames pass through; how a session ends maps to close frames in `wire::SessionEnd`.
+//! Every data frame is shown to an [`Inspector`] first (the session's frame steps); a
+//! rejected frame is not forwarded and the inspector's error frame goes back to its sender.
+//!
+//! Each leg answers its own pings; the relay pings a silent leg and ends the session on the
+//! session's clocks (`policy::liveness`: ping timeouts, idle, lifetime, certificate expiry,
+//! write timeout), and when its [`SessionHandle`] is ended from outside.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,10 +24,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::table::EndHandle;
+use super::table::SessionHandle;
 use crate::frames::Rejection;
+use crate::policy::liveness::{Due, Liveness};
 use crate::policy::Direction;
-use crate::wire::{close_code, Close, Closer, SessionEnd};
+use crate::wire::{close_code, Close, Closer, Leg, SessionEnd};
 
 /// A write the relay waits for before it forwards a held frame: `Ok` forwards, `Err` drops
 /// the frame (the inspector says what goes back to its sender).
@@ -98,16 +104,23 @@ enum PumpEnd {
     TooManyInvalid,
 }
 
-/// One direction's state: at most one message waiting for the destination, and at most one
-/// error frame waiting to go back to the source.
+/// One direction's state: at most one message waiting for the destination (and one read
+/// ahead of it), and at most one error frame or ping waiting to go back to the source.
 struct Pump {
     direction: Direction,
     held: Option<(Hold, Message)>,
     pending: Option<Message>,
+    /// Read while the destination was blocked; inspected once `pending` is written.
+    lookahead: Option<Message>,
     needs_flush: bool,
+    /// A ping from the gateway to the source.
+    control: Option<Message>,
     reply: Option<Message>,
     reply_needs_flush: bool,
     stats: DirectionStats,
+    /// Since the relay last looked: a frame came from the source / a data frame did.
+    heard: bool,
+    data: bool,
 }
 
 fn classify(e: &WsError) -> PumpEnd {
@@ -145,17 +158,97 @@ fn payload_len(msg: &Message) -> u64 {
     }) as u64
 }
 
+/// What one read from a source means.
+enum Read {
+    Data(Message),
+    /// A ping or pong (answered by the leg itself) or a raw frame: nothing to forward.
+    Control,
+    End(PumpEnd),
+}
+
+fn read(item: Option<Result<Message, WsError>>) -> Read {
+    match item {
+        Some(Ok(Message::Close(frame))) => Read::End(PumpEnd::Closed(frame.map(from_wire))),
+        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => Read::Data(msg),
+        // Each leg answers its own pings (tungstenite queues the pong and sends it with the
+        // next read or write of that stream): forwarding them too would give the sender two
+        // pongs, one of them from the far side.
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Control,
+        Some(Err(e)) => Read::End(classify(&e)),
+        None => Read::End(PumpEnd::Vanished),
+    }
+}
+
 impl Pump {
     fn new(direction: Direction) -> Self {
         Self {
             direction,
             held: None,
             pending: None,
+            lookahead: None,
             needs_flush: false,
+            control: None,
             reply: None,
             reply_needs_flush: false,
             stats: DirectionStats::default(),
+            heard: false,
+            data: false,
         }
+    }
+
+    /// Data waits for the destination to accept bytes.
+    fn destination_blocked(&self) -> bool {
+        self.pending.is_some() || self.needs_flush
+    }
+
+    /// A reply or ping waits for the source to accept bytes.
+    fn source_blocked(&self) -> bool {
+        self.control.is_some() || self.reply.is_some() || self.reply_needs_flush
+    }
+
+    /// Queues a ping to the source, unless one is already waiting.
+    fn ping(&mut self) {
+        if self.control.is_none() {
+            self.control = Some(Message::Ping(Default::default()));
+        }
+    }
+
+    /// Writes `msg` back to the source. `Ok(false)`: not ready, keep it for later.
+    fn send_back<S>(
+        cx: &mut Context<'_>,
+        src: &mut S,
+        msg: &mut Option<Message>,
+    ) -> Result<bool, PumpEnd>
+    where
+        S: Sink<Message, Error = WsError> + Unpin,
+    {
+        let Some(m) = msg.take() else {
+            return Ok(true);
+        };
+        match Pin::new(&mut *src).poll_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Err(PumpEnd::Vanished),
+            Poll::Pending => {
+                *msg = Some(m);
+                return Ok(false);
+            }
+        }
+        Pin::new(&mut *src)
+            .start_send(m)
+            .map_err(|_| PumpEnd::Vanished)?;
+        Ok(true)
+    }
+
+    /// A data frame read from the source: the inspector decides.
+    fn inspect(&mut self, msg: Message, inspector: &mut (dyn Inspector + Send)) -> Option<PumpEnd> {
+        self.data = true;
+        match inspector.inspect(self.direction, &msg) {
+            Verdict::Forward => self.pending = Some(msg),
+            Verdict::ForwardAfter(hold) => self.held = Some((hold, msg)),
+            Verdict::Reject { reply } => self.reply = reply,
+            Verdict::RejectAndClose => return Some(PumpEnd::TooManyInvalid),
+        }
+        None
     }
 
     /// Moves messages from `src` to `dst` until one of them is not ready.
@@ -171,19 +264,18 @@ impl Pump {
         D: Sink<Message, Error = WsError> + Unpin,
     {
         loop {
-            if let Some(reply) = self.reply.take() {
-                match Pin::new(&mut *src).poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::Vanished),
-                    Poll::Pending => {
-                        self.reply = Some(reply);
-                        return Poll::Pending;
-                    }
+            for which in 0..2 {
+                let slot = if which == 0 {
+                    &mut self.control
+                } else {
+                    &mut self.reply
+                };
+                let had = slot.is_some();
+                match Self::send_back(cx, src, slot) {
+                    Ok(true) => self.reply_needs_flush |= had,
+                    Ok(false) => return self.flush(cx, src, dst),
+                    Err(end) => return Poll::Ready(end),
                 }
-                if Pin::new(&mut *src).start_send(reply).is_err() {
-                    return Poll::Ready(PumpEnd::Vanished);
-                }
-                self.reply_needs_flush = true;
             }
             if let Some((mut hold, msg)) = self.held.take() {
                 match hold.as_mut().poll(cx) {
@@ -207,7 +299,7 @@ impl Pump {
                     Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::WriteFailed),
                     Poll::Pending => {
                         self.pending = Some(msg);
-                        return Poll::Pending;
+                        return self.read_ahead(cx, src, dst);
                     }
                 }
                 let len = payload_len(&msg);
@@ -218,30 +310,53 @@ impl Pump {
                 self.stats.bytes += len;
                 self.needs_flush = true;
             }
+            if let Some(msg) = self.lookahead.take() {
+                if let Some(end) = self.inspect(msg, inspector) {
+                    return Poll::Ready(end);
+                }
+                continue;
+            }
             // Tokio's cooperative budget makes the socket read return Pending after a burst,
             // so this loop yields to other sessions on its own.
             match Pin::new(&mut *src).poll_next(cx) {
-                Poll::Ready(Some(Ok(Message::Close(frame)))) => {
-                    return Poll::Ready(PumpEnd::Closed(frame.map(from_wire)))
-                }
-                Poll::Ready(Some(Ok(Message::Frame(_)))) => {}
-                Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
-                    match inspector.inspect(self.direction, &msg) {
-                        Verdict::Forward => self.pending = Some(msg),
-                        Verdict::ForwardAfter(hold) => self.held = Some((hold, msg)),
-                        Verdict::Reject { reply } => self.reply = reply,
-                        Verdict::RejectAndClose => return Poll::Ready(PumpEnd::TooManyInvalid),
+                Poll::Ready(item) => {
+                    self.heard = true;
+                    match read(item) {
+                        Read::Data(msg) => {
+                            if let Some(end) = self.inspect(msg, inspector) {
+                                return Poll::Ready(end);
+                            }
+                        }
+                        Read::Control => {}
+                        Read::End(end) => return Poll::Ready(end),
                     }
                 }
-                // Each leg answers its own pings (tungstenite queues the pong and sends it with
-                // the next read or write of that stream): forwarding them too would give the
-                // sender two pongs, one of them from the far side.
-                Poll::Ready(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(classify(&e)),
-                Poll::Ready(None) => return Poll::Ready(PumpEnd::Vanished),
                 Poll::Pending => return self.flush(cx, src, dst),
             }
         }
+    }
+
+    /// The destination is blocked: keep reading the source into the read-ahead slot (one
+    /// data frame at most), so that its close, its disappearance and its pings are seen.
+    fn read_ahead<S, D>(&mut self, cx: &mut Context<'_>, src: &mut S, dst: &mut D) -> Poll<PumpEnd>
+    where
+        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+        D: Sink<Message, Error = WsError> + Unpin,
+    {
+        while self.lookahead.is_none() {
+            match Pin::new(&mut *src).poll_next(cx) {
+                Poll::Ready(item) => {
+                    self.heard = true;
+                    match read(item) {
+                        Read::Data(msg) => self.lookahead = Some(msg),
+                        Read::Control => {}
+                        Read::End(end) => return Poll::Ready(end),
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        self.flush(cx, src, dst)
     }
 
     /// Flushes what was written since the last flush, to both sides. Ready only when a
@@ -269,14 +384,23 @@ impl Pump {
     }
 }
 
-/// Relays until either side ends or `stop` fires (shutdown, or the session table ending the
-/// session with a reason), then runs the close handshakes (each bounded by `close_timeout`).
+/// How long after `start` `offset` is, without overflowing on "never".
+fn instant_at(start: tokio::time::Instant, offset: Duration) -> tokio::time::Instant {
+    // About 30 years: later than any session.
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    start + offset.min(FAR)
+}
+
+/// Relays until either side ends, the session's clocks end it, or its handle is ended
+/// (shutdown, or the session table ending it with a reason), then runs the close handshakes
+/// (each bounded by `close_timeout`, even when a side does not read). `clock` starts now.
 /// Returns how the session ended and what was relayed.
 pub async fn relay<D, B>(
     device: &mut WebSocketStream<D>,
     backend: &mut WebSocketStream<B>,
-    stop: &EndHandle,
+    handle: &SessionHandle,
     close_timeout: Duration,
+    mut clock: Liveness,
     inspector: &mut (dyn Inspector + Send),
 ) -> (SessionEnd, RelayStats)
 where
@@ -285,16 +409,28 @@ where
 {
     let mut up = Pump::new(Direction::Up);
     let mut down = Pump::new(Direction::Down);
+    let start = tokio::time::Instant::now();
     let end = {
-        let mut cancelled = pin!(stop.token().cancelled());
-        std::future::poll_fn(|cx| {
+        let mut cancelled = pin!(handle.token().cancelled());
+        let mut retimed = pin!(handle.retimed());
+        let mut deadline = instant_at(start, clock.next_deadline());
+        let mut sleep = pin!(tokio::time::sleep_until(deadline));
+        let counters = handle.counters();
+        std::future::poll_fn(|cx| loop {
             // Every arm only polls; nothing is lost when another arm completes first: a
             // message read but not yet written stays in its pump's `pending` slot.
             if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(match stop.why() {
+                return Poll::Ready(match handle.why() {
                     Some(why) => SessionEnd::Ended(why),
                     None => SessionEnd::Shutdown,
                 });
+            }
+            if retimed.as_mut().poll(cx).is_ready() {
+                if let Some(timers) = handle.take_timers() {
+                    clock.retime(timers);
+                }
+                retimed.set(handle.retimed());
+                continue;
             }
             if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
                 return Poll::Ready(match end {
@@ -320,7 +456,55 @@ where
             }
             // After the pumps: a command they just released arms its timeout here.
             inspector.poll_timers(cx);
-            Poll::Pending
+
+            let now = tokio::time::Instant::now().saturating_duration_since(start);
+            if std::mem::take(&mut up.heard) {
+                clock.heard(Leg::Device, now);
+            }
+            if std::mem::take(&mut down.heard) {
+                clock.heard(Leg::Backend, now);
+            }
+            if std::mem::take(&mut up.data) | std::mem::take(&mut down.data) {
+                clock.data(now);
+            }
+            clock.blocked(
+                Leg::Device,
+                down.destination_blocked() || up.source_blocked(),
+                now,
+            );
+            clock.blocked(
+                Leg::Backend,
+                up.destination_blocked() || down.source_blocked(),
+                now,
+            );
+            counters.frames_up.store(up.stats.frames, Ordering::Relaxed);
+            counters.bytes_up.store(up.stats.bytes, Ordering::Relaxed);
+            counters
+                .frames_down
+                .store(down.stats.frames, Ordering::Relaxed);
+            counters
+                .bytes_down
+                .store(down.stats.bytes, Ordering::Relaxed);
+            match clock.due(now) {
+                Some(Due::End(why)) => return Poll::Ready(SessionEnd::Ended(why)),
+                Some(Due::Ping(Leg::Device)) => {
+                    up.ping();
+                    continue;
+                }
+                Some(Due::Ping(Leg::Backend)) => {
+                    down.ping();
+                    continue;
+                }
+                None => {}
+            }
+            let next = instant_at(start, clock.next_deadline());
+            if next != deadline {
+                deadline = next;
+                sleep.as_mut().reset(next);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         })
         .await
     };

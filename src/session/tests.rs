@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::relay::{relay, ForwardAll, RelayStats};
 use super::steps::{self, Chain, SessionInfo, StepConfig, Validate};
-use super::table::EndHandle;
+use super::table::SessionHandle;
 use crate::admission::routing::{FrameRules, Route};
 use crate::audit::{AuditLog, RecordKind, WriterConfig};
 use crate::frames::DecodeLimits;
+use crate::policy::liveness::{Liveness, PingRules, SessionTimers};
 use crate::policy::rejections::{LogLimiter, RejectionStats};
 use crate::schema::{SchemaKind, SchemaSet};
 use crate::storage::{DeadLetter, DeadLetterSink};
@@ -27,6 +28,27 @@ use crate::wire::{close_code, Closer, SessionEnd};
 type Ws = WebSocketStream<DuplexStream>;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Session timers that never fire within a test unless a test sets them.
+fn timers() -> SessionTimers {
+    let never = PingRules {
+        interval: DAY,
+        timeout: DAY,
+    };
+    SessionTimers {
+        device_ping: never,
+        backend_ping: never,
+        idle_timeout: None,
+        max_lifetime: None,
+        lifetime_jitter: 0.0,
+        write_timeout: DAY,
+    }
+}
+
+fn quiet() -> Liveness {
+    Liveness::new(timers(), 0.0, None)
+}
 
 /// The gateway's end and the peer's end of one WebSocket; `gateway_role` is the gateway's.
 async fn ws_pair(gateway_role: Role) -> (Ws, Ws) {
@@ -66,7 +88,7 @@ async fn frames_and_close_codes_pass_through_both_ways() {
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
-    let stop = EndHandle::child_of(&shutdown);
+    let stop = SessionHandle::child_of(&shutdown);
     let peers = async {
         device.send(Message::text("up")).await.unwrap();
         assert_eq!(next(&mut backend).await, Message::text("up"));
@@ -88,7 +110,14 @@ async fn frames_and_close_codes_pass_through_both_ways() {
         backend.flush().await.unwrap();
     };
     let ((end, stats), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
+        relay(
+            &mut gw_dev,
+            &mut gw_be,
+            &stop,
+            CLOSE_TIMEOUT,
+            quiet(),
+            &mut fwd
+        ),
         peers
     );
     assert!(matches!(end, SessionEnd::ClosedBy(Closer::Device, Some(ref c)) if c.code == 4001));
@@ -112,7 +141,7 @@ async fn each_leg_answers_its_own_pings_once() {
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
-    let stop = EndHandle::child_of(&shutdown);
+    let stop = SessionHandle::child_of(&shutdown);
     let peers = async {
         device
             .send(Message::Ping(b"d".to_vec().into()))
@@ -137,7 +166,14 @@ async fn each_leg_answers_its_own_pings_once() {
         assert!(matches!(next(&mut backend).await, Message::Close(_)));
     };
     let ((end, stats), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
+        relay(
+            &mut gw_dev,
+            &mut gw_be,
+            &stop,
+            CLOSE_TIMEOUT,
+            quiet(),
+            &mut fwd
+        ),
         peers
     );
     assert_eq!(end, SessionEnd::Shutdown);
@@ -149,7 +185,7 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
     let ((mut gw_dev, mut device), (mut gw_be, backend)) = session_pairs().await;
     let shutdown = CancellationToken::new();
     let mut fwd = ForwardAll;
-    let stop = EndHandle::child_of(&shutdown);
+    let stop = SessionHandle::child_of(&shutdown);
     let peers = async {
         drop(backend);
         assert_eq!(
@@ -158,13 +194,20 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
         );
     };
     let ((end, _), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
+        relay(
+            &mut gw_dev,
+            &mut gw_be,
+            &stop,
+            CLOSE_TIMEOUT,
+            quiet(),
+            &mut fwd
+        ),
         peers
     );
     assert_eq!(end, SessionEnd::BackendVanished);
 
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
-    let stop = EndHandle::child_of(&shutdown);
+    let stop = SessionHandle::child_of(&shutdown);
     let peers = async {
         shutdown.cancel();
         for ws in [&mut device, &mut backend] {
@@ -175,7 +218,14 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
         }
     };
     let ((end, _), ()) = tokio::join!(
-        relay(&mut gw_dev, &mut gw_be, &stop, CLOSE_TIMEOUT, &mut fwd),
+        relay(
+            &mut gw_dev,
+            &mut gw_be,
+            &stop,
+            CLOSE_TIMEOUT,
+            quiet(),
+            &mut fwd
+        ),
         peers
     );
     assert_eq!(end, SessionEnd::Shutdown);
@@ -223,7 +273,7 @@ fn info(subprotocol: &str, kind: &str, device_type: &str, rules: FrameRules) -> 
         kind,
         &[device_type.to_string()],
         &["ws://127.0.0.1:1/".to_string()],
-        rules,
+        crate::admission::routing::tests::options(rules),
     )
     .unwrap();
     Arc::new(SessionInfo {
@@ -276,8 +326,11 @@ async fn relay_with(
     peers: impl std::future::Future<Output = ()>,
 ) -> (SessionEnd, RelayStats) {
     let shutdown = CancellationToken::new();
-    let stop = EndHandle::child_of(&shutdown);
-    let (out, ()) = tokio::join!(relay(gw_dev, gw_be, &stop, CLOSE_TIMEOUT, chain), peers);
+    let stop = SessionHandle::child_of(&shutdown);
+    let (out, ()) = tokio::join!(
+        relay(gw_dev, gw_be, &stop, CLOSE_TIMEOUT, quiet(), chain),
+        peers
+    );
     out
 }
 
