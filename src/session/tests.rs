@@ -23,7 +23,7 @@ use crate::policy::liveness::{Liveness, PingRules, SessionTimers};
 use crate::policy::rejections::{LogLimiter, RejectionStats};
 use crate::schema::{SchemaKind, SchemaSet};
 use crate::storage::{DeadLetter, DeadLetterSink};
-use crate::wire::{close_code, Closer, SessionEnd};
+use crate::wire::{close_code, Closer, Ending, Leg, SessionEnd};
 
 type Ws = WebSocketStream<DuplexStream>;
 
@@ -229,6 +229,266 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
         peers
     );
     assert_eq!(end, SessionEnd::Shutdown);
+}
+
+/// Runs a forward-all relay on `clock` while `peers` plays the device and the backend; also
+/// returns the session time at which the relay returned.
+async fn run_clocked<F>(
+    gw_dev: &mut Ws,
+    gw_be: &mut Ws,
+    handle: &SessionHandle,
+    clock: Liveness,
+    peers: F,
+) -> (SessionEnd, Duration)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let start = tokio::time::Instant::now();
+    let relay = async {
+        let (end, _) = relay(gw_dev, gw_be, handle, CLOSE_TIMEOUT, clock, &mut ForwardAll).await;
+        (end, start.elapsed())
+    };
+    let (out, ()) = tokio::join!(relay, peers);
+    out
+}
+
+/// Reads `ws` (answering pings, as a live peer does) until a close frame; its code.
+async fn close_code_of(ws: &mut Ws) -> u16 {
+    loop {
+        match next(ws).await {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(Some(f)) => return f.code.into(),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A leg that answers nothing is pinged after the interval of silence and the session ends
+/// at interval plus timeout, with the leg's own code to the other side; a leg that answers
+/// stays up.
+#[tokio::test(start_paused = true)]
+async fn a_silent_leg_is_found_within_ping_interval_plus_timeout() {
+    for silent in [Leg::Device, Leg::Backend] {
+        let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+        let mut t = timers();
+        let ping = PingRules {
+            interval: 30 * SECOND,
+            timeout: 10 * SECOND,
+        };
+        t.device_ping = ping;
+        t.backend_ping = ping;
+        let handle = SessionHandle::child_of(&CancellationToken::new());
+        let start = tokio::time::Instant::now();
+        let peers = async {
+            // Only the live peer reads, so only it answers the gateway's pings.
+            let (live, code) = match silent {
+                Leg::Device => (&mut backend, close_code::DEVICE_PING_TIMEOUT),
+                Leg::Backend => (&mut device, close_code::BACKEND_PING_TIMEOUT),
+            };
+            assert_eq!(close_code_of(live).await, code);
+            let at = start.elapsed();
+            assert!(at >= 40 * SECOND && at < 41 * SECOND, "{silent:?}: {at:?}");
+        };
+        let (end, _) = run_clocked(
+            &mut gw_dev,
+            &mut gw_be,
+            &handle,
+            Liveness::new(t, 0.0, None),
+            peers,
+        )
+        .await;
+        assert_eq!(end, SessionEnd::Ended(Ending::PingTimeout(silent)));
+    }
+}
+
+/// No data either way for the idle timeout ends the session (4009), data resets it; new
+/// timers given to an open session (a reload) apply at once; the maximum lifetime ends a
+/// session that is busy (4010).
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_retiming_and_maximum_lifetime() {
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let mut t = timers();
+    t.idle_timeout = Some(100 * SECOND);
+    let start = tokio::time::Instant::now();
+    let peers = async {
+        tokio::time::sleep(50 * SECOND).await;
+        device.send(Message::text("up")).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text("up"));
+        // From a reload on: 20 s idle, counted from the last data frame (at 50 s).
+        tokio::time::sleep(10 * SECOND).await;
+        let mut shorter = t;
+        shorter.idle_timeout = Some(20 * SECOND);
+        handle.retime(shorter);
+        assert_eq!(close_code_of(&mut device).await, close_code::IDLE_TIMEOUT);
+        assert_eq!(close_code_of(&mut backend).await, close_code::IDLE_TIMEOUT);
+        let at = start.elapsed();
+        assert!(at >= 70 * SECOND && at < 71 * SECOND, "{at:?}");
+    };
+    let (end, at) = run_clocked(
+        &mut gw_dev,
+        &mut gw_be,
+        &handle,
+        Liveness::new(t, 0.0, None),
+        peers,
+    )
+    .await;
+    assert_eq!(end, SessionEnd::Ended(Ending::IdleTimeout));
+    // The peers stopped reading after the close: the close handshake is bounded.
+    assert!(at <= 71 * SECOND + CLOSE_TIMEOUT, "{at:?}");
+
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let mut t = timers();
+    t.max_lifetime = Some(300 * SECOND);
+    t.lifetime_jitter = 0.1;
+    let start = tokio::time::Instant::now();
+    let peers = async {
+        // Busy all along: a frame every second, until the close.
+        loop {
+            device.send(Message::text("up")).await.unwrap();
+            match next(&mut backend).await {
+                Message::Text(_) => {}
+                Message::Close(Some(f)) => {
+                    assert_eq!(u16::from(f.code), close_code::MAX_LIFETIME);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+            tokio::time::sleep(SECOND).await;
+        }
+        // Half-way into the jitter: 300 s less 5 %.
+        let at = start.elapsed();
+        assert!(at >= 285 * SECOND && at <= 286 * SECOND, "{at:?}");
+    };
+    let (end, _) = run_clocked(
+        &mut gw_dev,
+        &mut gw_be,
+        &handle,
+        Liveness::new(t, 0.5, None),
+        peers,
+    )
+    .await;
+    assert_eq!(end, SessionEnd::Ended(Ending::MaxLifetime));
+}
+
+/// A device that stops reading while its backend sends is closed after the write timeout
+/// (the backend gets 4013), and the relay returns within the close timeout after that even
+/// though the device never reads its close frame.
+#[tokio::test(start_paused = true)]
+async fn a_device_that_stops_reading_is_closed_after_the_write_timeout() {
+    let ((mut gw_dev, _device), (mut gw_be, backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let mut t = timers();
+    t.write_timeout = 20 * SECOND;
+    let (mut tx, mut rx) = backend.split();
+    let start = tokio::time::Instant::now();
+    let peers = async {
+        let flood = async {
+            loop {
+                if tx.send(Message::binary(vec![7u8; 1024])).await.is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        let close = async {
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected a close frame, got {other:?}"),
+                }
+            }
+        };
+        let code = tokio::select! {
+            code = close => code,
+            _ = flood => unreachable!(),
+        };
+        assert_eq!(code, close_code::DEVICE_WRITE_TIMEOUT);
+        let at = start.elapsed();
+        // Blocked within the first second of flooding.
+        assert!(at >= 20 * SECOND && at < 21 * SECOND, "{at:?}");
+    };
+    let (end, at) = run_clocked(
+        &mut gw_dev,
+        &mut gw_be,
+        &handle,
+        Liveness::new(t, 0.0, None),
+        peers,
+    )
+    .await;
+    assert_eq!(end, SessionEnd::Ended(Ending::WriteTimeout(Leg::Device)));
+    assert!(at <= 21 * SECOND + CLOSE_TIMEOUT, "{at:?}");
+}
+
+/// A backend that stops reading no longer keeps a device's session once the device is gone:
+/// the session ends at once if the device goes while its frame waits, and at the latest at
+/// the write timeout.
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_stops_reading_does_not_keep_a_departed_device_session() {
+    let ((mut gw_dev, mut device), (mut gw_be, _backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let mut t = timers();
+    t.write_timeout = 30 * SECOND;
+    let start = tokio::time::Instant::now();
+    let dropped_at = std::cell::Cell::new(Duration::ZERO);
+    let peers = async {
+        // Send until the gateway stops taking frames, then disconnect.
+        while tokio::time::timeout(SECOND, device.send(Message::binary(vec![1u8; 1024])))
+            .await
+            .is_ok()
+        {}
+        drop(device);
+        dropped_at.set(start.elapsed());
+    };
+    let (end, at) = run_clocked(
+        &mut gw_dev,
+        &mut gw_be,
+        &handle,
+        Liveness::new(t, 0.0, None),
+        peers,
+    )
+    .await;
+    assert!(
+        matches!(
+            end,
+            SessionEnd::DeviceVanished | SessionEnd::Ended(Ending::WriteTimeout(Leg::Backend))
+        ),
+        "{end:?}"
+    );
+    let after = at - dropped_at.get();
+    assert!(after <= t.write_timeout + CLOSE_TIMEOUT, "{after:?}");
+}
+
+/// A device that closes while its frame waits for a blocked backend is seen at once.
+#[tokio::test(start_paused = true)]
+async fn a_device_close_is_seen_while_its_backend_is_blocked() {
+    let ((mut gw_dev, mut device), (mut gw_be, _backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let mut t = timers();
+    t.write_timeout = 60 * SECOND;
+    let peers = async {
+        // Fill the backend's pipe with one large frame, then close.
+        device
+            .send(Message::binary(vec![1u8; 200 * 1024]))
+            .await
+            .unwrap();
+        device.close(None).await.unwrap();
+    };
+    let (end, at) = run_clocked(
+        &mut gw_dev,
+        &mut gw_be,
+        &handle,
+        Liveness::new(t, 0.0, None),
+        peers,
+    )
+    .await;
+    assert!(matches!(end, SessionEnd::ClosedBy(Closer::Device, _)), "{end:?}");
+    // The backend's close handshake cannot complete (it does not read): bounded.
+    assert!(at <= CLOSE_TIMEOUT + SECOND, "{at:?}");
 }
 
 /// A runtime snapshot with these schemas (the configuration is a minimal valid one; nothing
