@@ -148,6 +148,19 @@ impl AdminClient {
         }
     }
 
+    /// Removes one certificate from a device.
+    pub fn remove_certificate(&self, id: &str, sha256: &str) -> Result<Device, ClientError> {
+        let r = self
+            .agent
+            .delete(format!(
+                "{}/v1/devices/{id}/certificates/{sha256}",
+                self.base
+            ))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
     /// Ends the device's sessions (or one connection of it) with `reason`.
     pub fn kick(
         &self,

@@ -159,6 +159,18 @@ async fn show(
     }))
 }
 
+async fn remove_certificate(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path((id, sha256)): Path<(String, String)>,
+) -> Result<Json<Device>, ApiError> {
+    authorize(&s, &headers)?;
+    let registry = s.registry.clone();
+    let device = blocking(move || registry.remove_certificate(&id, &sha256)).await?;
+    tracing::info!(device.id = %device.id, "admin: certificate removed from device");
+    Ok(Json(device))
+}
+
 /// Body of `POST /v1/devices/{id}/kick`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -525,6 +537,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/deadletters", get(deadletters))
         .route("/v1/devices/{id}/kick", post(kick))
+        .route(
+            "/v1/devices/{id}/certificates/{sha256}",
+            axum::routing::delete(remove_certificate),
+        )
         .route("/v1/drain", post(drain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -42,6 +42,15 @@ pub enum DevicesCommand {
     Resume { id: String },
     /// Revoke a device (final).
     Revoke { id: String },
+    /// Remove one certificate from a device (by --sha256 or --cert); its sessions on that
+    /// certificate end (4003).
+    RemoveCert {
+        id: String,
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        sha256: Option<String>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
     /// End a device's live sessions (close 4006) with a reason; it may reconnect.
     Kick {
         id: String,
@@ -313,6 +322,23 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
                     println!("sessions     none (no gateway is running)");
                 }
             }
+        }
+        DevicesCommand::RemoveCert { id, sha256, cert } => {
+            gatehouse_pki::validate_device_id(&id)?;
+            let sha256 = match (sha256, cert) {
+                (Some(s), _) => s,
+                (None, Some(path)) => cert_fingerprint(&path)?.to_string(),
+                (None, None) => bail!("give --sha256 or --cert"),
+            };
+            let d = match &access {
+                Access::Admin(c) => c.remove_certificate(&id, &sha256)?,
+                Access::Direct(s) => s.devices.remove_certificate(&id, &sha256)?,
+            };
+            println!(
+                "device {} has {} certificate(s) left",
+                d.id,
+                d.fingerprints.len()
+            );
         }
         DevicesCommand::Kick {
             id,

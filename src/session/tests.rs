@@ -486,7 +486,10 @@ async fn a_device_close_is_seen_while_its_backend_is_blocked() {
         peers,
     )
     .await;
-    assert!(matches!(end, SessionEnd::ClosedBy(Closer::Device, _)), "{end:?}");
+    assert!(
+        matches!(end, SessionEnd::ClosedBy(Closer::Device, _)),
+        "{end:?}"
+    );
     // The backend's close handshake cannot complete (it does not read): bounded.
     assert!(at <= CLOSE_TIMEOUT + SECOND, "{at:?}");
 }

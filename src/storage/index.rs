@@ -189,6 +189,35 @@ impl Index {
         Ok(pending.into_values().collect())
     }
 
+    /// What removing certificate `sha256` from `id` turns it into. Its last certificate can
+    /// be removed: the device stays, with no certificate to connect with.
+    pub fn plan_remove_certificate(
+        &self,
+        id: &str,
+        sha256: &str,
+        now: OffsetDateTime,
+    ) -> Result<Device, RegistryError> {
+        let fp = Fingerprint::parse_hex(sha256).ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "{sha256:?} is not a SHA-256 fingerprint (64 hex digits)"
+            ))
+        })?;
+        let hex = fp.to_string();
+        let mut device = self
+            .get(id)
+            .map(|d| (*d).clone())
+            .ok_or_else(|| RegistryError::UnknownDevice(id.to_string()))?;
+        let before = device.fingerprints.len();
+        device.fingerprints.retain(|f| *f != hex);
+        if device.fingerprints.len() == before {
+            return Err(RegistryError::Invalid(format!(
+                "device {id} has no certificate with sha256 {hex}"
+            )));
+        }
+        device.updated_at = now;
+        Ok(device)
+    }
+
     /// What setting `id`'s status turns it into. Revocation is final.
     pub fn plan_status(
         &self,

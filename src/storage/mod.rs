@@ -82,6 +82,8 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
     fn enroll_many(&self, enrollments: Vec<Enrollment>) -> Result<Vec<Device>, RegistryError>;
     /// Sets a device's status. Revocation is final.
     fn set_status(&self, id: &str, status: DeviceStatus) -> Result<Device, RegistryError>;
+    /// Removes one enrolled certificate (by SHA-256) from a device; sessions on it end.
+    fn remove_certificate(&self, id: &str, sha256: &str) -> Result<Device, RegistryError>;
     /// Makes every write durable (at shutdown).
     fn flush(&self) -> Result<(), RegistryError>;
     /// Every change from now on: a device's status or certificates changed.

@@ -194,6 +194,15 @@ impl DeviceStore for SledRegistry {
         Ok(device)
     }
 
+    fn remove_certificate(&self, id: &str, sha256: &str) -> Result<Device, RegistryError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let device = self
+            .index
+            .plan_remove_certificate(id, sha256, OffsetDateTime::now_utc())?;
+        self.write(std::slice::from_ref(&device))?;
+        Ok(device)
+    }
+
     fn flush(&self) -> Result<(), RegistryError> {
         self.db.flush().map_err(storage)?;
         Ok(())

@@ -107,7 +107,15 @@ impl Backend {
 
     /// A `wss://` backend whose TLS acceptor is `tls` (which may require client certificates).
     pub async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), tls)
+    }
+
+    /// A `ws://` backend on a listener the test bound (e.g. at an address that was dead).
+    pub fn start_on(listener: TcpListener) -> Backend {
+        Self::serve(listener, None)
+    }
+
+    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
