@@ -111,7 +111,10 @@ pub async fn reload_config(
     };
     let snapshot = Arc::new(snapshot);
     live.store(snapshot.clone());
-    let sessions_closed = sessions.reconfigure(&snapshot.config.routes);
+    let sessions_closed = sessions.reconfigure(
+        &snapshot.config.routes,
+        snapshot.config.websocket.max_message_bytes,
+    );
     if sessions_closed > 0 {
         tracing::info!(
             sessions = sessions_closed,

@@ -1047,12 +1047,67 @@ mod tests {
                 "max_message_bytes",
             ),
             ("ws://127.0.0.1", "wss://127.0.0.1", "backend.ca"),
+            (
+                "kind = \"telemetry\"",
+                "kind = \"telemetry\"\nduplicates = \"never\"",
+                "\"takeover\"",
+            ),
+            (
+                "kind = \"telemetry\"",
+                "kind = \"telemetry\"\nduplicates = \"allow\"",
+                "max_sessions_per_device",
+            ),
+            (
+                "kind = \"telemetry\"",
+                "kind = \"telemetry\"\nforward_headers = [\"X_Forwarded_For\"]",
+                "never passes on",
+            ),
+            (
+                "[tls]",
+                "[session]\nlifetime_jitter_percent = 80\n[tls]",
+                "session.lifetime_jitter_percent",
+            ),
+            (
+                "[tls]",
+                "[session]\nwrite_timeout_ms = 0\n[tls]",
+                "session.write_timeout_ms must be greater than 0",
+            ),
+            (
+                "[tls]",
+                "[backend]\neject_base_ms = 10\neject_max_ms = 5\n[tls]",
+                "eject_max_ms",
+            ),
         ];
         for (from, to, needle) in cases {
             let text = MINIMAL.replacen(from, to, 1);
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(needle), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn route_session_timers_override_the_session_section() {
+        let text = format!(
+            "[session]\nidle_timeout_ms = 5000\nmax_lifetime_ms = 0\n{MINIMAL}\nduplicates = \"reject\"\nforward_headers = [\"User-Agent\"]\n[route.session]\ndevice_ping_interval_ms = 1000\n"
+        );
+        let c = parse(&text).unwrap();
+        let route = c.runtime.routes.iter().next().unwrap();
+        let t = route.timers;
+        assert_eq!(t.device_ping.interval, Duration::from_secs(1));
+        assert_eq!(t.device_ping.timeout, DEFAULT_DEVICE_PING_TIMEOUT);
+        assert_eq!(t.backend_ping.interval, DEFAULT_BACKEND_PING_INTERVAL);
+        assert_eq!(t.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(t.max_lifetime, None);
+        assert_eq!(t.write_timeout, DEFAULT_WRITE_TIMEOUT);
+        assert_eq!(route.duplicates, DuplicatePolicy::Reject);
+        assert!(route.forwards_header("user-agent"));
+        // Defaults without any section.
+        let d = parse(MINIMAL).unwrap();
+        let d = d.runtime.routes.iter().next().unwrap();
+        assert_eq!(d.timers.max_lifetime, DEFAULT_MAX_LIFETIME);
+        assert_eq!(d.timers.idle_timeout, None);
+        assert_eq!(d.duplicates, DuplicatePolicy::Takeover);
+        assert!(d.forward_headers.is_empty());
     }
 
     #[test]

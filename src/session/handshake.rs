@@ -200,6 +200,7 @@ pub async fn handshake(
     // Entered in the session table now, so the duplicate policy also counts handshakes in
     // flight, and a suspension from here on reaches this session.
     let handle = SessionHandle::child_of(&shared.shutdown);
+    handle.set_max_message(runtime.websocket.max_message_bytes);
     let admitted = Admitted {
         connection: conn_id.to_string(),
         device: device.id.clone(),

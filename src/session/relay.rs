@@ -121,6 +121,8 @@ struct Pump {
     /// Since the relay last looked: a frame came from the source / a data frame did.
     heard: bool,
     data: bool,
+    /// Largest data frame accepted from the source (set by the relay on each wake).
+    max_message: usize,
 }
 
 fn classify(e: &WsError) -> PumpEnd {
@@ -193,6 +195,7 @@ impl Pump {
             stats: DirectionStats::default(),
             heard: false,
             data: false,
+            max_message: usize::MAX,
         }
     }
 
@@ -242,6 +245,10 @@ impl Pump {
     /// A data frame read from the source: the inspector decides.
     fn inspect(&mut self, msg: Message, inspector: &mut (dyn Inspector + Send)) -> Option<PumpEnd> {
         self.data = true;
+        if payload_len(&msg) > self.max_message as u64 {
+            // A limit lowered by a reload after this session's upgrade.
+            return Some(PumpEnd::Protocol(close_code::SIZE));
+        }
         match inspector.inspect(self.direction, &msg) {
             Verdict::Forward => self.pending = Some(msg),
             Verdict::ForwardAfter(hold) => self.held = Some((hold, msg)),
@@ -425,6 +432,9 @@ where
                     None => SessionEnd::Shutdown,
                 });
             }
+            let max_message = handle.max_message();
+            up.max_message = max_message;
+            down.max_message = max_message;
             if retimed.as_mut().poll(cx).is_ready() {
                 if let Some(timers) = handle.take_timers() {
                     clock.retime(timers);

@@ -86,6 +86,8 @@ struct HandleInner {
     /// New timers from a reload, taken by the relay when `retimed` wakes it.
     timers: Mutex<Option<SessionTimers>>,
     retimed: Notify,
+    /// Largest message the session may relay from now on (a reload may lower it).
+    max_message: std::sync::atomic::AtomicUsize,
     counters: Counters,
 }
 
@@ -106,8 +108,18 @@ impl SessionHandle {
             why: Mutex::new(None),
             timers: Mutex::new(None),
             retimed: Notify::new(),
+            max_message: std::sync::atomic::AtomicUsize::new(usize::MAX),
             counters: Counters::default(),
         }))
+    }
+
+    /// Sets the largest message the session relays; a larger one closes it with 1009.
+    pub fn set_max_message(&self, bytes: usize) {
+        self.0.max_message.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn max_message(&self) -> usize {
+        self.0.max_message.load(Ordering::Relaxed)
     }
 
     pub fn token(&self) -> &CancellationToken {
@@ -372,13 +384,18 @@ impl SessionTable {
         })
     }
 
-    /// Applies a reloaded route table: sessions whose route is gone, or no longer takes
-    /// their device type, end; the others get their route's new timers.
-    pub fn reconfigure(&self, routes: &RouteTable) -> usize {
+    /// Applies a reloaded route table and message limit: sessions whose route is gone, or no
+    /// longer takes their device type, end; the others get their route's new timers and the
+    /// new limit (a larger one than the session started with cannot apply: the WebSocket
+    /// layer's own limit was fixed at its upgrade).
+    pub fn reconfigure(&self, routes: &RouteTable, max_message_bytes: usize) -> usize {
         let mut ended = 0;
         self.each(&Filter::default(), |e| {
             match routes.iter().find(|r| r.subprotocol == e.info.route) {
-                Some(route) if route.allows(&e.info.device_type) => e.handle.retime(route.timers),
+                Some(route) if route.allows(&e.info.device_type) => {
+                    e.handle.set_max_message(max_message_bytes);
+                    e.handle.retime(route.timers)
+                }
                 _ => {
                     e.handle.end(Ending::RouteRemoved);
                     ended += 1;
@@ -549,7 +566,7 @@ mod tests {
         assert!(!h1.is_ended());
         assert_eq!(table.kick("lock-9", None, ""), 0);
         // A route table without control.v1 ends the session.
-        assert_eq!(table.reconfigure(&RouteTable::new(Vec::new())), 2);
+        assert_eq!(table.reconfigure(&RouteTable::new(Vec::new()), 1024), 2);
         assert_eq!(h1.why(), Some(Ending::RouteRemoved));
     }
 }

@@ -374,6 +374,23 @@ async fn idle_timeout_retiming_and_maximum_lifetime() {
     assert_eq!(end, SessionEnd::Ended(Ending::MaxLifetime));
 }
 
+/// A message limit lowered by a reload applies to an open session: a larger frame closes it
+/// with 1009.
+#[tokio::test(start_paused = true)]
+async fn a_lowered_message_limit_applies_to_an_open_session() {
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let peers = async {
+        device.send(Message::text("0123456789abc")).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text("0123456789abc"));
+        handle.set_max_message(10);
+        device.send(Message::text("0123456789abc")).await.unwrap();
+        assert_eq!(close_code_of(&mut device).await, close_code::SIZE);
+    };
+    let (end, _) = run_clocked(&mut gw_dev, &mut gw_be, &handle, quiet(), peers).await;
+    assert_eq!(end, SessionEnd::DeviceProtocolError(close_code::SIZE));
+}
+
 /// A device that stops reading while its backend sends is closed after the write timeout
 /// (the backend gets 4013), and the relay returns within the close timeout after that even
 /// though the device never reads its close frame.
