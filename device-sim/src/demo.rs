@@ -78,6 +78,8 @@ pub struct DemoSummary {
     pub faulty_replies: Vec<String>,
     /// Dead letters stored for the faulty sensor.
     pub dead_letters: usize,
+    /// The close code lock-00002's open session got when it was suspended.
+    pub suspension_close: Option<u16>,
 }
 
 struct Faulty {
@@ -249,6 +251,7 @@ async fn start_backends() -> anyhow::Result<Backends> {
 struct Gateway {
     addr: std::net::SocketAddr,
     dead_letters: Arc<dyn gatehouse::storage::DeadLetterStore>,
+    registry: Arc<dyn gatehouse::storage::DeviceStore>,
     task: tokio::task::JoinHandle<Result<(), gatehouse::server::ServerError>>,
 }
 
@@ -328,6 +331,7 @@ async fn start_gateway(
     Ok(Gateway {
         addr,
         dead_letters,
+        registry: registry.clone(),
         task,
     })
 }
@@ -395,7 +399,51 @@ async fn show_faulty_sensor(
     Ok((faulty, letters.len()))
 }
 
-/// [9] One lock's audit log, and verification of every device log with the public key.
+/// [6] Live session control: an open session ends the moment its device is suspended.
+async fn show_live_suspension(
+    target: &Target,
+    roots: &Arc<rustls::RootCertStore>,
+    pki: &PkiDir,
+    registry: &Arc<dyn gatehouse::storage::DeviceStore>,
+    id: &str,
+) -> anyhow::Result<Option<u16>> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    println!("[6] live session control: {id} holds a control.v1 session; an operator suspends it (`gatehouse devices suspend {id}`):");
+    let cert = std::fs::read(pki.device_cert_path(id))?;
+    let key = std::fs::read(pki.device_key_path(id))?;
+    let config = device::client_config(roots.clone(), &cert, &key)?;
+    let (mut ws, _) = device::connect(target, config, "control.v1", None, Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("{id} was refused: {e}"))?;
+    let asked = std::time::Instant::now();
+    let (r, owned) = (registry.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || r.set_status(&owned, DeviceStatus::Suspended)).await??;
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    match &close {
+        Some((code, reason)) => println!(
+            "    its open session closed with {code} \"{reason}\" {:.1} ms after the suspension (its backend got the same close; the close is in its audit log)",
+            asked.elapsed().as_secs_f64() * 1000.0
+        ),
+        None => println!("    its session was NOT closed within 5 s (unexpected)"),
+    }
+    let (r, owned) = (registry.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || r.set_status(&owned, DeviceStatus::Active)).await??;
+    println!("    resumed: {id} may connect again");
+    Ok(close.map(|(code, _)| code))
+}
+
+/// [10] One lock's audit log, and verification of every device log with the public key.
 fn show_audit(
     audit_dir: &std::path::Path,
     public_key: &std::path::Path,
@@ -405,7 +453,7 @@ fn show_audit(
         .remove("lock-00001")
         .unwrap_or_default();
     println!(
-        "[9] audit log of lock-00001 (`gatehouse audit show lock-00001`), {} records, last 8:",
+        "[10] audit log of lock-00001 (`gatehouse audit show lock-00001`), {} records, last 8:",
         lock_log.len()
     );
     for r in lock_log.iter().rev().take(8).rev() {
@@ -455,10 +503,19 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     let refusals = probe_refusals(&target, &roots, &pki.dir).await?;
     let (faulty, dead_letters) =
         show_faulty_sensor(&target, &roots, &pki.dir, &gateway.dead_letters).await?;
+    // The last lock, so that lock-00001's log shown at the end is about commands.
+    let last_lock = pki
+        .locks
+        .devices
+        .last()
+        .map(|d| d.id.clone())
+        .unwrap_or_default();
+    let suspension_close =
+        show_live_suspension(&target, &roots, &pki.dir, &gateway.registry, &last_lock).await?;
 
-    // [6] The fleet.
+    // [7] The fleet.
     println!(
-        "[6] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
+        "[7] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
         options.sensors, options.rate_hz, options.locks, options.duration
     );
     let base = FleetOptions {
@@ -486,8 +543,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     sensor_report.print_indented("    ");
     lock_report.print_indented("    ");
 
-    // [7] What the backends saw.
-    println!("[7] {}", backends.ingest_stats.summary("ingest backend"));
+    // [8] What the backends saw.
+    println!("[8] {}", backends.ingest_stats.summary("ingest backend"));
     println!("    {}", backends.control_stats.summary("control backend"));
     let delivered = backends.ingest_stats.frames.load(Ordering::Relaxed);
     println!(
@@ -495,14 +552,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         sensor_report.frames_sent, delivered
     );
 
-    // [8] Shutdown.
+    // [9] Shutdown.
     shutdown.cancel();
     gateway.task.await??;
     backends.stop.cancel();
     for task in backends.tasks {
         let _ = task.await;
     }
-    println!("[8] gateway stopped cleanly (sessions closed with 1001, audit log synced and signed, registry flushed)");
+    println!("[9] gateway stopped cleanly (sessions closed with 1001, audit log synced and signed, registry flushed)");
 
     let (lock_log, verdict) = show_audit(&dir.join("audit"), &pki_dir.join(PkiDir::AUDIT_PUB))?;
     if options.keep {
@@ -527,6 +584,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
             .map(|(_, got)| got.clone())
             .collect(),
         dead_letters,
+        suspension_close,
         commands_sent: backends.control_stats.commands_sent.load(Ordering::Relaxed),
         commands_answered: lock_report.commands_answered,
         responses_delivered: backends.control_stats.responses.load(Ordering::Relaxed),

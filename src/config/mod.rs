@@ -502,6 +502,14 @@ impl Config {
         if self.registry_path != next.registry_path {
             changed.push("registry.path");
         }
+        // Read once, by tasks started with the gateway.
+        if self.runtime.tls.crl_refresh != next.runtime.tls.crl_refresh {
+            changed.push("tls.crl_refresh_ms");
+        }
+        if self.runtime.backend.health_check_interval != next.runtime.backend.health_check_interval
+        {
+            changed.push("backend.health_check_interval_ms");
+        }
         if self.deadletter != next.deadletter {
             changed.push("deadletter.per_device");
         }
