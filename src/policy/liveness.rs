@@ -86,14 +86,17 @@ impl Liveness {
         self.last_data = at;
     }
 
-    /// Whether data waits for `leg` to accept bytes, as of `at`.
-    pub fn blocked(&mut self, leg: Leg, blocked: bool, at: Duration) {
+    /// Whether data waits for `leg` to accept bytes, as of `at`. Returns whether it just
+    /// started waiting (a new, possibly earlier, deadline).
+    pub fn blocked(&mut self, leg: Leg, blocked: bool, at: Duration) -> bool {
         let state = self.leg(leg);
-        state.blocked = match (blocked, state.blocked) {
-            (false, _) => None,
-            (true, Some(since)) => Some(since),
-            (true, None) => Some(at),
+        let (next, started) = match (blocked, state.blocked) {
+            (false, _) => (None, false),
+            (true, Some(since)) => (Some(since), false),
+            (true, None) => (Some(at), true),
         };
+        state.blocked = next;
+        started
     }
 
     fn lifetime(&self) -> Option<Duration> {
@@ -232,8 +235,8 @@ mod tests {
     #[test]
     fn a_leg_that_accepts_nothing_for_the_write_timeout_ends_the_session() {
         let mut l = Liveness::new(timers(), 0.0, None);
-        l.blocked(Leg::Device, true, 2 * S);
-        l.blocked(Leg::Device, true, 10 * S);
+        assert!(l.blocked(Leg::Device, true, 2 * S));
+        assert!(!l.blocked(Leg::Device, true, 10 * S));
         assert_eq!(l.next_deadline(), 17 * S);
         // Progress resets it.
         l.blocked(Leg::Device, false, 12 * S);

@@ -422,6 +422,8 @@ where
         let mut retimed = pin!(handle.retimed());
         let mut deadline = instant_at(start, clock.next_deadline());
         let mut sleep = pin!(tokio::time::sleep_until(deadline));
+        // Whether the clocks must be asked what is due (the sleep fired, or new timers).
+        let mut check = false;
         let counters = handle.counters();
         std::future::poll_fn(|cx| loop {
             // Every arm only polls; nothing is lost when another arm completes first: a
@@ -440,6 +442,7 @@ where
                     clock.retime(timers);
                 }
                 retimed.set(handle.retimed());
+                check = true;
                 continue;
             }
             if let Poll::Ready(end) = up.poll(cx, device, backend, &mut *inspector) {
@@ -477,12 +480,14 @@ where
             if std::mem::take(&mut up.data) | std::mem::take(&mut down.data) {
                 clock.data(now);
             }
-            clock.blocked(
+            // A write that starts waiting may bring a deadline closer; everything else the
+            // pumps report only pushes deadlines later, so the sleep armed for the earliest
+            // one stays valid (at worst it wakes early, and is re-armed).
+            let newly_blocked = clock.blocked(
                 Leg::Device,
                 down.destination_blocked() || up.source_blocked(),
                 now,
-            );
-            clock.blocked(
+            ) | clock.blocked(
                 Leg::Backend,
                 up.destination_blocked() || down.source_blocked(),
                 now,
@@ -495,26 +500,30 @@ where
             counters
                 .bytes_down
                 .store(down.stats.bytes, Ordering::Relaxed);
-            match clock.due(now) {
-                Some(Due::End(why)) => return Poll::Ready(SessionEnd::Ended(why)),
-                Some(Due::Ping(Leg::Device)) => {
-                    up.ping();
-                    continue;
+            if std::mem::take(&mut check) || newly_blocked {
+                match clock.due(now) {
+                    Some(Due::End(why)) => return Poll::Ready(SessionEnd::Ended(why)),
+                    Some(Due::Ping(leg)) => {
+                        match leg {
+                            Leg::Device => up.ping(),
+                            Leg::Backend => down.ping(),
+                        }
+                        // The other leg may be due too.
+                        check = true;
+                        continue;
+                    }
+                    None => {}
                 }
-                Some(Due::Ping(Leg::Backend)) => {
-                    down.ping();
-                    continue;
+                let next = instant_at(start, clock.next_deadline());
+                if next != deadline {
+                    deadline = next;
+                    sleep.as_mut().reset(next);
                 }
-                None => {}
-            }
-            let next = instant_at(start, clock.next_deadline());
-            if next != deadline {
-                deadline = next;
-                sleep.as_mut().reset(next);
             }
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            check = true;
         })
         .await
     };
