@@ -334,3 +334,31 @@ impl Connector {
         Ok(socket)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_health_table_ejects_and_restores_by_url() {
+        let table = HealthTable::default();
+        let rules = HealthRules {
+            eject_after: 2,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+        };
+        let (a, b) = ("ws://a/", "ws://b/");
+        table.record(a, true, &rules);
+        table.record(a, false, &rules);
+        assert!(table.available(a));
+        table.record(a, false, &rules);
+        assert!(!table.available(a) && table.available(b));
+        assert_eq!(table.ejected(), vec![a.to_string()]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(table.available(a), "tried again after the backoff");
+        table.record(a, true, &rules);
+        assert!(table.ejected().is_empty());
+        assert_eq!(forwarded_for("10.0.0.1".parse().unwrap()), "for=10.0.0.1");
+        assert_eq!(forwarded_for("::1".parse().unwrap()), "for=\"[::1]\"");
+    }
+}

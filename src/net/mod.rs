@@ -38,3 +38,32 @@ pub fn keepalive(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>)
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn keepalive_is_set_with_the_configured_idle_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.unwrap();
+        super::keepalive(&server, Some(Duration::from_secs(42)));
+        let sock = socket2::SockRef::from(&server);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            crate::config::TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            sock.tcp_keepalive_retries().unwrap(),
+            crate::config::TCP_KEEPALIVE_PROBES
+        );
+        let client = client.unwrap();
+        super::keepalive(&client, None);
+        assert!(!socket2::SockRef::from(&client).keepalive().unwrap());
+    }
+}
