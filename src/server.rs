@@ -188,6 +188,7 @@ impl Server {
                 live: shared.live.clone(),
                 started: Arc::new(shared.config.clone()),
                 rejections: shared.rejections.clone(),
+                limit_hits: shared.limit_hits.clone(),
                 sessions: shared.sessions.clone(),
                 drain: crate::control::Drain {
                     sessions: shared.sessions.clone(),

@@ -18,6 +18,8 @@ pub mod close_code {
     pub const ABNORMAL: u16 = 1006;
     /// Invalid payload: bad UTF-8 in a text frame, or too many invalid frames.
     pub const INVALID: u16 = 1007;
+    /// Policy violation: the device kept passing one of its rate limits.
+    pub const POLICY: u16 = 1008;
     /// A message larger than `websocket.max_message_bytes`.
     pub const SIZE: u16 = 1009;
     /// Internal error: the backend vanished or broke the protocol.
@@ -384,6 +386,9 @@ pub enum SessionEnd {
     Shutdown,
     /// Ended from outside while live (the registry changed); both sides get this close.
     Ended(Ending),
+    /// The device passed one of its type's limits: a message over `max_message_bytes`
+    /// (1009), or sustained rate abuse (1008). `limit` is the configuration key.
+    OverLimit { code: u16, limit: &'static str },
 }
 
 fn frame(code: u16, reason: &'static str) -> Option<Close> {
@@ -410,6 +415,14 @@ impl SessionEnd {
             }
             SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
             SessionEnd::Ended(why) => Some(Some(why.close())),
+            SessionEnd::OverLimit { code, limit } => Some(Some(Close {
+                code: *code,
+                reason: if *code == close_code::SIZE {
+                    format!("message exceeds {limit} for this device type")
+                } else {
+                    format!("rate limit exceeded: {limit}")
+                },
+            })),
         }
     }
 
@@ -420,7 +433,8 @@ impl SessionEnd {
             SessionEnd::ClosedBy(_, _) | SessionEnd::BackendVanished => None,
             SessionEnd::DeviceVanished
             | SessionEnd::DeviceProtocolError(_)
-            | SessionEnd::InvalidFrameLimit => Some(frame(close_code::AWAY, "device disconnected")),
+            | SessionEnd::InvalidFrameLimit
+            | SessionEnd::OverLimit { .. } => Some(frame(close_code::AWAY, "device disconnected")),
             SessionEnd::BackendProtocolError(code) => Some(frame(*code, protocol_reason(*code))),
             SessionEnd::Shutdown => Some(frame(close_code::AWAY, "gateway shutting down")),
             SessionEnd::Ended(why) => Some(Some(why.close())),
@@ -432,9 +446,10 @@ impl SessionEnd {
             SessionEnd::ClosedBy(c, _) => *c,
             SessionEnd::DeviceVanished | SessionEnd::DeviceProtocolError(_) => Closer::Device,
             SessionEnd::BackendVanished | SessionEnd::BackendProtocolError(_) => Closer::Backend,
-            SessionEnd::Shutdown | SessionEnd::InvalidFrameLimit | SessionEnd::Ended(_) => {
-                Closer::Gateway
-            }
+            SessionEnd::Shutdown
+            | SessionEnd::InvalidFrameLimit
+            | SessionEnd::Ended(_)
+            | SessionEnd::OverLimit { .. } => Closer::Gateway,
         }
     }
 
@@ -468,6 +483,7 @@ impl SessionEnd {
             SessionEnd::InvalidFrameLimit => close_code::INVALID,
             SessionEnd::Shutdown => close_code::AWAY,
             SessionEnd::Ended(why) => why.close().code,
+            SessionEnd::OverLimit { code, .. } => *code,
         }
     }
 }

@@ -43,6 +43,7 @@ fn setup() -> (tempfile::TempDir, String) {
             device_types: vec!["env-sensor".into()],
             backends: vec!["ws://127.0.0.1:9/".into()],
         }],
+        limits: Vec::new(),
     }
     .render();
     let path = tmp.path().join("gatehouse.toml");

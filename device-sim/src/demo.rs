@@ -301,6 +301,7 @@ async fn start_gateway(
                 &backends.control_url,
             ),
         ],
+        limits: Vec::new(),
     }
     .render();
     let config_path = dir.join("gatehouse.toml");

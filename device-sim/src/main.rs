@@ -109,6 +109,9 @@ enum Command {
         device_types: Vec<String>,
         #[arg(long)]
         max_connections: Option<usize>,
+        /// A `[limits]` line, repeatable, e.g. `--limit "frames_per_second = 1000"`.
+        #[arg(long = "limit")]
+        limits: Vec<String>,
     },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
@@ -249,6 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             backends,
             device_types,
             max_connections,
+            limits,
         } => {
             let template = gatehouse::config::template::Template {
                 listen: listen.to_string(),
@@ -267,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     device_types,
                     backends,
                 }],
+                limits,
             };
             print!("{}", template.render());
             Ok(())

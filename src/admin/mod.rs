@@ -40,6 +40,8 @@ pub struct AdminState {
     /// The configuration as started (what a configuration reload compares with).
     pub started: Arc<crate::config::Config>,
     pub rejections: Arc<RejectionStats>,
+    /// Limit hits per (device type, route, limit:action).
+    pub limit_hits: Arc<RejectionStats>,
     pub sessions: Arc<crate::session::table::SessionTable>,
     /// Draining: the flag handshakes read and how to start it.
     pub drain: crate::control::Drain,
@@ -403,6 +405,14 @@ async fn rejections(
     Ok(Json(s.rejections.snapshot()))
 }
 
+async fn limit_hits(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<RejectionCount>>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(s.limit_hits.snapshot()))
+}
+
 async fn deadletters(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -549,6 +559,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/tls/reload", post(reload_tls))
         .route("/v1/schemas/reload", post(reload_schemas))
         .route("/v1/stats/rejections", get(rejections))
+        .route("/v1/stats/limits", get(limit_hits))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/audit/{id}", get(audit_show))
         .route("/v1/audit/{id}/export", get(audit_export))

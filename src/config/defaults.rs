@@ -118,3 +118,17 @@ pub const DEFAULT_EJECT_BASE: Duration = Duration::from_secs(2);
 pub const DEFAULT_EJECT_MAX: Duration = Duration::from_secs(60);
 /// Time given to open sessions to close, spread over it, on `drain`: 30 s.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Frames per second a device may send, with a burst of twice that: 100/s is far above any
+/// telemetry device and still stops one faulty sensor from flooding its backend.
+pub const DEFAULT_FRAMES_PER_SECOND: u32 = 100;
+pub const DEFAULT_FRAMES_BURST: u32 = 200;
+/// Bytes per second a device may send: 1 MiB/s, with a burst of 2 MiB (raised to the
+/// largest message when that is bigger, so that every allowed message can pass).
+pub const DEFAULT_BYTES_PER_SECOND: u32 = 1 << 20;
+pub const DEFAULT_BYTES_BURST: u32 = 2 << 20;
+/// What a frame over a rate gets unless the configuration says: `delay` (nothing is lost,
+/// TCP slows the device down).
+pub const DEFAULT_LIMIT_ACTION: &str = "delay";
+/// Rate rejections (action `reject`) within the window that end the session with 1008.
+pub const DEFAULT_ABUSE_REJECTIONS: u32 = 50;
+pub const DEFAULT_ABUSE_WINDOW: Duration = Duration::from_secs(10);

@@ -23,6 +23,7 @@ pub use crate::admission::health::HealthRules;
 pub use crate::admission::identity::StaleCrlPolicy;
 use crate::admission::routing::{DuplicatePolicy, FrameRules, Route, RouteOptions, RouteTable};
 use crate::model::{PingRules, SessionTimers};
+pub use crate::policy::limits::{DeviceLimits, LimitAction, LimitTable, RateRule};
 pub use schemas::load_schemas;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub struct FileConfig {
     pub audit: Option<FileAudit>,
     #[serde(default)]
     pub session: FileSession,
+    /// `[limits]` (defaults) with `[limits.<device-type>]` tables (overrides).
+    #[serde(default)]
+    pub limits: toml::Table,
     #[serde(default, rename = "route")]
     pub routes: Vec<FileRoute>,
 }
@@ -108,6 +112,41 @@ pub struct FileServer {
     /// Idle time before TCP keepalive probes start on both sockets; 0 turns keepalive off.
     pub tcp_keepalive_ms: Option<u64>,
     pub drain_grace_ms: Option<u64>,
+}
+
+/// One set of per-device limits, from `[limits]` or `[limits.<device-type>]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_message_bytes: Option<usize>,
+    /// 0: no frame rate.
+    pub frames_per_second: Option<u32>,
+    pub frames_burst: Option<u32>,
+    pub frames_action: Option<String>,
+    /// 0: no byte rate.
+    pub bytes_per_second: Option<u32>,
+    pub bytes_burst: Option<u32>,
+    pub bytes_action: Option<String>,
+    pub commands_in_flight: Option<usize>,
+    pub abuse_rejections: Option<u32>,
+    pub abuse_window_ms: Option<u64>,
+}
+
+impl FileLimits {
+    fn or(self, d: &FileLimits) -> FileLimits {
+        FileLimits {
+            max_message_bytes: self.max_message_bytes.or(d.max_message_bytes),
+            frames_per_second: self.frames_per_second.or(d.frames_per_second),
+            frames_burst: self.frames_burst.or(d.frames_burst),
+            frames_action: self.frames_action.or_else(|| d.frames_action.clone()),
+            bytes_per_second: self.bytes_per_second.or(d.bytes_per_second),
+            bytes_burst: self.bytes_burst.or(d.bytes_burst),
+            bytes_action: self.bytes_action.or_else(|| d.bytes_action.clone()),
+            commands_in_flight: self.commands_in_flight.or(d.commands_in_flight),
+            abuse_rejections: self.abuse_rejections.or(d.abuse_rejections),
+            abuse_window_ms: self.abuse_window_ms.or(d.abuse_window_ms),
+        }
+    }
 }
 
 /// Session timers: `[session]` holds the defaults, `[route.session]` a route's own.
@@ -384,6 +423,8 @@ pub struct RuntimeConfig {
     pub handshake_timeout: Duration,
     pub max_request_header_bytes: usize,
     pub close_timeout: Duration,
+    /// What each device may send, per device type.
+    pub device_limits: LimitTable,
     /// TCP keepalive idle time on both sockets of a session; `None`: off.
     pub tcp_keepalive: Option<Duration>,
     /// Time `drain` spreads the closing of open sessions over.
@@ -445,6 +486,7 @@ impl Config {
             )));
         }
         let (deadletter, dead_letter_payload_bytes) = dead_letters(file.deadletter)?;
+        let device_limits = limit_table(file.limits, &websocket)?;
         let (audit, commands) = match file.audit {
             None => (None, CommandRules::default()),
             Some(a) => {
@@ -475,6 +517,7 @@ impl Config {
                 handshake_timeout: server.handshake_timeout,
                 max_request_header_bytes: server.max_request_header_bytes,
                 close_timeout: server.close_timeout,
+                device_limits,
                 tcp_keepalive: server.tcp_keepalive,
                 drain_grace: server.drain_grace,
                 commands,
@@ -918,6 +961,125 @@ impl TryFrom<(Vec<FileRoute>, FileSession)> for RouteTable {
     }
 }
 
+fn limit_action(v: Option<&str>, key: &str) -> Result<LimitAction, ConfigError> {
+    match v.unwrap_or(DEFAULT_LIMIT_ACTION) {
+        "delay" => Ok(LimitAction::Delay),
+        "reject" => Ok(LimitAction::Reject),
+        other => Err(invalid(format!(
+            "{key} = {other:?}: use \"delay\" (stop reading from the device until it is within its limit; nothing is lost) or \"reject\" (drop the frame with a rate-limited error frame)"
+        ))),
+    }
+}
+
+/// A rate from its three keys; `None` when the rate is 0 (off).
+fn rate_rule(
+    rate: u32,
+    burst: Option<u32>,
+    default_burst: u32,
+    action: Option<&str>,
+    at: &str,
+    name: &str,
+) -> Result<Option<RateRule>, ConfigError> {
+    let Some(per_second) = std::num::NonZeroU32::new(rate) else {
+        return Ok(None);
+    };
+    let burst = std::num::NonZeroU32::new(burst.unwrap_or(default_burst.max(rate)))
+        .ok_or_else(|| invalid(format!("{at}.{name}_burst must be at least 1")))?;
+    Ok(Some(RateRule {
+        per_second,
+        burst,
+        action: limit_action(action, &format!("{at}.{name}_action"))?,
+    }))
+}
+
+/// One set of limits, with the defaults filled in; `at` names the section in errors.
+fn device_limits(
+    f: &FileLimits,
+    websocket: &WebSocketLimits,
+    at: &str,
+) -> Result<DeviceLimits, ConfigError> {
+    let ceiling = websocket.max_message_bytes;
+    let max_message_bytes = f.max_message_bytes.unwrap_or(ceiling);
+    if max_message_bytes == 0 || max_message_bytes > ceiling {
+        return Err(invalid(format!(
+            "{at}.max_message_bytes = {max_message_bytes}: must be between 1 and websocket.max_message_bytes ({ceiling})"
+        )));
+    }
+    let frames = rate_rule(
+        f.frames_per_second.unwrap_or(DEFAULT_FRAMES_PER_SECOND),
+        f.frames_burst,
+        DEFAULT_FRAMES_BURST,
+        f.frames_action.as_deref(),
+        at,
+        "frames",
+    )?;
+    let bytes = rate_rule(
+        f.bytes_per_second.unwrap_or(DEFAULT_BYTES_PER_SECOND),
+        f.bytes_burst,
+        DEFAULT_BYTES_BURST.max(u32::try_from(max_message_bytes).unwrap_or(u32::MAX)),
+        f.bytes_action.as_deref(),
+        at,
+        "bytes",
+    )?;
+    if let Some(b) = bytes {
+        if (b.burst.get() as usize) < max_message_bytes {
+            return Err(invalid(format!(
+                "{at}.bytes_burst = {}: must be at least max_message_bytes ({max_message_bytes}), or a largest message could never pass",
+                b.burst
+            )));
+        }
+    }
+    let commands_in_flight = f.commands_in_flight.unwrap_or(DEFAULT_MAX_OPEN_COMMANDS);
+    if commands_in_flight == 0 {
+        return Err(invalid(format!(
+            "{at}.commands_in_flight must be at least 1"
+        )));
+    }
+    Ok(DeviceLimits {
+        max_message_bytes,
+        frames,
+        bytes,
+        commands_in_flight,
+        abuse_rejections: f.abuse_rejections.unwrap_or(DEFAULT_ABUSE_REJECTIONS),
+        abuse_window: ms(
+            f.abuse_window_ms,
+            DEFAULT_ABUSE_WINDOW,
+            &format!("{at}.abuse_window_ms"),
+        )?,
+    })
+}
+
+/// `[limits]` and its `[limits.<device-type>]` tables.
+fn limit_table(table: toml::Table, websocket: &WebSocketLimits) -> Result<LimitTable, ConfigError> {
+    let mut defaults = toml::Table::new();
+    let mut types = Vec::new();
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(t) => types.push((key, t)),
+            other => {
+                defaults.insert(key, other);
+            }
+        }
+    }
+    let parse = |t: toml::Table, at: &str| -> Result<FileLimits, ConfigError> {
+        FileLimits::deserialize(toml::Value::Table(t))
+            .map_err(|e| invalid(format!("[{at}]: {}", e.message())))
+    };
+    let file_defaults = parse(defaults, "limits")?;
+    let mut per_type = std::collections::HashMap::new();
+    for (device_type, t) in types {
+        gatehouse_pki::validate_device_type(&device_type)
+            .map_err(|e| invalid(format!("[limits.{device_type}]: {e}")))?;
+        let at = format!("limits.{device_type}");
+        let f = parse(t, &at)?.or(&file_defaults);
+        per_type.insert(device_type, device_limits(&f, websocket, &at)?);
+    }
+    Ok(LimitTable {
+        defaults: device_limits(&file_defaults, websocket, "limits")?,
+        per_type,
+    })
+}
+
 /// `[deadletter]`: the store's bound (startup) and the payload kept (runtime).
 fn dead_letters(d: FileDeadLetter) -> Result<(DeadLetterConfig, usize), ConfigError> {
     let per_device = d.per_device.unwrap_or(DEFAULT_DEAD_LETTERS_PER_DEVICE);
@@ -1116,6 +1278,47 @@ mod tests {
         assert_eq!(d.timers.idle_timeout, None);
         assert_eq!(d.duplicates, DuplicatePolicy::Takeover);
         assert!(d.forward_headers.is_empty());
+    }
+
+    #[test]
+    fn limits_per_device_type_override_the_defaults() {
+        let text = format!(
+            "{MINIMAL}\n[limits]\nframes_per_second = 20\nbytes_action = \"reject\"\ncommands_in_flight = 16\n[limits.door-lock]\nframes_per_second = 0\nmax_message_bytes = 4096\n"
+        );
+        let c = parse(&text).unwrap();
+        let t = &c.runtime.device_limits;
+        let d = t.for_type("env-sensor");
+        let frames = d.frames.unwrap();
+        assert_eq!((frames.per_second.get(), frames.burst.get()), (20, 200));
+        assert_eq!(frames.action, LimitAction::Delay);
+        assert_eq!(d.bytes.unwrap().action, LimitAction::Reject);
+        assert_eq!(d.commands_in_flight, 16);
+        assert_eq!(d.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        let lock = t.for_type("door-lock");
+        assert!(lock.frames.is_none(), "0 turns the rate off");
+        assert_eq!(lock.max_message_bytes, 4096);
+        // Inherited from [limits], not from the built-in defaults.
+        assert_eq!(lock.commands_in_flight, 16);
+        assert_eq!(lock.bytes.unwrap().action, LimitAction::Reject);
+
+        for (extra, needle) in [
+            ("[limits]\nframes_action = \"drop\"", "limits.frames_action"),
+            (
+                "[limits.door-lock]\nmax_message_bytes = 100000",
+                "limits.door-lock.max_message_bytes",
+            ),
+            ("[limits]\nbytes_burst = 10", "limits.bytes_burst"),
+            ("[limits]\nframes_per_secnd = 5", "frames_per_secnd"),
+            (
+                "[limits.\"Bad Type\"]\nframes_per_second = 5",
+                "limits.Bad Type",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
     }
 
     #[test]

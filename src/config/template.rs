@@ -29,6 +29,8 @@ pub struct Template {
     /// `[audit]` with this directory, and more lines for it.
     pub audit: Option<(String, Vec<String>)>,
     pub routes: Vec<TemplateRoute>,
+    /// `[limits]` lines, e.g. `frames_per_second = 1000`.
+    pub limits: Vec<String>,
 }
 
 fn quoted(s: &str) -> String {
@@ -79,6 +81,12 @@ impl Template {
                 let _ = writeln!(out, "{line}");
             }
         }
+        if !self.limits.is_empty() {
+            let _ = writeln!(out, "\n[limits]");
+            for line in &self.limits {
+                let _ = writeln!(out, "{line}");
+            }
+        }
         for r in &self.routes {
             let _ = writeln!(
                 out,
@@ -113,6 +121,7 @@ mod tests {
                 device_types: vec!["env-sensor".into()],
                 backends: vec!["ws://127.0.0.1:9001/ingest".into()],
             }],
+            limits: vec!["frames_per_second = 1000".into()],
         };
         let file: crate::config::FileConfig = toml::from_str(&t.render()).unwrap();
         let c = crate::config::Config::from_file(file, std::path::Path::new("/srv")).unwrap();
@@ -129,5 +138,7 @@ mod tests {
             c.runtime.commands.timeout,
             std::time::Duration::from_secs(5)
         );
+        let frames = c.runtime.device_limits.defaults.frames.unwrap();
+        assert_eq!(frames.per_second.get(), 1000);
     }
 }

@@ -5,6 +5,7 @@
 //! it rejected (`session::steps`).
 
 pub mod commands;
+pub mod limits;
 pub mod liveness;
 pub mod rejections;
 

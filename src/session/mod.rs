@@ -41,6 +41,8 @@ pub struct Shared {
     pub registry: Arc<dyn DeviceStore>,
     pub shutdown: CancellationToken,
     pub rejections: Arc<RejectionStats>,
+    /// Limit hits per (device type, route, limit:action).
+    pub limit_hits: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
     pub audit: Option<Arc<dyn AuditStore>>,
     pub rejection_log: Arc<LogLimiter>,
@@ -81,6 +83,7 @@ impl Shared {
             registry,
             shutdown,
             rejections: frames.rejections,
+            limit_hits: Arc::new(RejectionStats::default()),
             deadletters: frames.deadletters,
             audit: frames.audit,
             rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
@@ -98,8 +101,8 @@ impl Shared {
         format!("{:x}-{n:x}", self.boot_id)
     }
 
-    /// The frame steps' settings for a session, from the snapshot in force.
-    fn step_config(&self, runtime: &crate::config::RuntimeConfig) -> StepConfig {
+    /// The frame steps' settings for a session of `device_type`, from the snapshot in force.
+    fn step_config(&self, runtime: &crate::config::RuntimeConfig, device_type: &str) -> StepConfig {
         let commands = &runtime.commands;
         StepConfig {
             stats: self.rejections.clone(),
@@ -112,7 +115,8 @@ impl Shared {
                 max_payload_bytes: commands.max_payload_bytes,
             }),
             command_timeout: commands.timeout,
-            max_open_commands: crate::config::DEFAULT_MAX_OPEN_COMMANDS,
+            limits: *runtime.device_limits.for_type(device_type),
+            limit_hits: self.limit_hits.clone(),
         }
     }
 }
@@ -184,7 +188,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 live: shared.live.clone(),
                 limits: live.config.limits,
             },
-            shared.step_config(&live.config),
+            shared.step_config(&live.config, &info.device_type),
         );
         let close_timeout = live.config.close_timeout;
         drop(live);

@@ -46,6 +46,8 @@ pub enum Verdict {
     },
     /// Do not forward, and end the session: the device passed its invalid-frame limit.
     RejectAndClose,
+    /// Do not forward, and end the session this way.
+    End(SessionEnd),
 }
 
 /// Decides about every text and binary frame before it is forwarded.
@@ -102,6 +104,8 @@ enum PumpEnd {
     WriteFailed,
     /// The source passed its invalid-frame limit.
     TooManyInvalid,
+    /// The inspector ended the session.
+    Ended(SessionEnd),
 }
 
 /// One direction's state: at most one message waiting for the destination (and one read
@@ -254,6 +258,7 @@ impl Pump {
             Verdict::ForwardAfter(hold) => self.held = Some((hold, msg)),
             Verdict::Reject { reply } => self.reply = reply,
             Verdict::RejectAndClose => return Some(PumpEnd::TooManyInvalid),
+            Verdict::End(end) => return Some(PumpEnd::Ended(end)),
         }
         None
     }
@@ -452,6 +457,7 @@ where
                     PumpEnd::Protocol(code) => SessionEnd::DeviceProtocolError(code),
                     PumpEnd::WriteFailed => SessionEnd::BackendVanished,
                     PumpEnd::TooManyInvalid => SessionEnd::InvalidFrameLimit,
+                    PumpEnd::Ended(end) => end,
                 });
             }
             if let Poll::Ready(end) = down.poll(cx, backend, device, &mut *inspector) {
@@ -465,6 +471,7 @@ where
                     PumpEnd::TooManyInvalid => {
                         SessionEnd::BackendProtocolError(close_code::INVALID)
                     }
+                    PumpEnd::Ended(end) => end,
                 });
             }
             // After the pumps: a command they just released arms its timeout here.

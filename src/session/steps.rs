@@ -22,6 +22,7 @@ use crate::audit::{stored_payload, AuditStore, Record, RecordKind};
 use crate::frames::{self, DecodeLimits, Encoding, Frame, RejectCode, Rejection};
 use crate::model::sha256_hex;
 use crate::policy::commands::OpenCommands;
+use crate::policy::limits::{LimitName, RateVerdict, SessionLimits};
 use crate::policy::rejections::{LogDecision, LogLimiter, RejectionStats};
 use crate::policy::{self, Direction, InvalidFrameLimit};
 use crate::storage::DeadLetterSink;
@@ -439,16 +440,71 @@ impl Drop for Commands {
     }
 }
 
-/// Validation followed by the route's steps; the relay's [`Inspector`].
+/// The device type's limits, checked before validation on frames from the device.
+pub struct Rates {
+    pub limits: SessionLimits,
+    /// Hits per (type, route, limit:action).
+    pub hits: Arc<RejectionStats>,
+}
+
+/// The device's limits, then validation, then the route's steps; the relay's [`Inspector`].
 pub struct Chain {
     pub info: Arc<SessionInfo>,
+    pub rates: Rates,
     pub validate: Validate,
     pub steps: Vec<Box<dyn FrameStep>>,
     /// Frames refused in this session.
     pub rejected: u64,
 }
 
+/// Holds a frame `wait`, then what else held it (a command's audit record).
+fn delayed(wait: std::time::Duration, then: Option<Hold>) -> Hold {
+    Box::pin(async move {
+        tokio::time::sleep(wait).await;
+        match then {
+            Some(hold) => hold.await,
+            None => Ok(()),
+        }
+    })
+}
+
 impl Chain {
+    fn hit(&self, limit: LimitName, action: &'static str) {
+        self.rates.hits.count(
+            &self.info.device_type,
+            &self.info.route.subprotocol,
+            limit.hit(action),
+        );
+    }
+
+    /// A frame over a rate with `reject`: dropped and answered, counted as a rejection; the
+    /// other steps do not see it (it is not malformed: no dead letter, and it does not count
+    /// towards the invalid-frame limit).
+    fn rate_rejected(&mut self, encoding: Encoding, limit: LimitName) -> Verdict {
+        self.rejected += 1;
+        self.hit(limit, "reject");
+        let rules = self.rates.limits.limits();
+        let detail = match limit {
+            LimitName::BytesPerSecond => rules.bytes.map(|r| (r.per_second, r.burst)),
+            _ => rules.frames.map(|r| (r.per_second, r.burst)),
+        };
+        let message = match detail {
+            Some((rate, burst)) => format!(
+                "{} exceeded ({rate} per second, burst {burst}); frame dropped",
+                limit.as_str()
+            ),
+            None => format!("{} exceeded; frame dropped", limit.as_str()),
+        };
+        let rejection = Rejection::new(RejectCode::RateLimited, "", message);
+        let reply = self
+            .info
+            .route
+            .frames
+            .error_replies
+            .then(|| error_message(encoding, &rejection));
+        Verdict::Reject { reply }
+    }
+
     /// Runs every step's rejection hook; the verdict for the frame.
     fn reject(&mut self, frame: &Inspected<'_>, rejection: Rejection, now: Instant) -> Verdict {
         self.rejected += 1;
@@ -476,9 +532,9 @@ impl Chain {
     }
 }
 
-impl Inspector for Chain {
-    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
-        let frame = frame_of(msg);
+impl Chain {
+    /// Validation, then the route's steps.
+    fn validate_and_step(&mut self, direction: Direction, frame: Frame<'_>) -> Verdict {
         let checked = {
             let live = self.validate.live.load();
             policy::check_frame(
@@ -526,7 +582,49 @@ impl Inspector for Chain {
             }
         }
     }
+}
 
+impl Inspector for Chain {
+    fn inspect(&mut self, direction: Direction, msg: &Message) -> Verdict {
+        let frame = frame_of(msg);
+        let mut delay = None;
+        if direction == Direction::Up {
+            if let Some((encoding, bytes)) = frame.data() {
+                match self.rates.limits.check(bytes.len(), now()) {
+                    RateVerdict::Pass => {}
+                    RateVerdict::Delay(wait, limit) => {
+                        self.hit(limit, "delay");
+                        delay = Some(wait);
+                    }
+                    RateVerdict::Reject(limit) => return self.rate_rejected(encoding, limit),
+                    RateVerdict::Abuse(limit) => {
+                        self.rejected += 1;
+                        self.hit(limit, "close");
+                        return Verdict::End(SessionEnd::OverLimit {
+                            code: crate::wire::close_code::POLICY,
+                            limit: limit.as_str(),
+                        });
+                    }
+                    RateVerdict::TooBig => {
+                        self.rejected += 1;
+                        self.hit(LimitName::MaxMessageBytes, "close");
+                        return Verdict::End(SessionEnd::OverLimit {
+                            code: crate::wire::close_code::SIZE,
+                            limit: LimitName::MaxMessageBytes.as_str(),
+                        });
+                    }
+                }
+            }
+        }
+        match (self.validate_and_step(direction, frame), delay) {
+            (verdict, None) => verdict,
+            (Verdict::Forward, Some(wait)) => Verdict::ForwardAfter(delayed(wait, None)),
+            (Verdict::ForwardAfter(hold), Some(wait)) => {
+                Verdict::ForwardAfter(delayed(wait, Some(hold)))
+            }
+            (verdict, Some(_)) => verdict,
+        }
+    }
     fn released(
         &mut self,
         direction: Direction,
@@ -574,13 +672,15 @@ pub struct AuditSettings {
 
 /// The steps a route gets, in order.
 pub struct StepConfig {
+    /// The device type's limits and where their hits are counted.
+    pub limits: crate::policy::limits::DeviceLimits,
+    pub limit_hits: Arc<RejectionStats>,
     pub stats: Arc<RejectionStats>,
     pub log: Arc<LogLimiter>,
     pub dead_letters: DeadLetterSink,
     pub dead_letter_payload_bytes: usize,
     pub audit: Option<AuditSettings>,
     pub command_timeout: std::time::Duration,
-    pub max_open_commands: usize,
 }
 
 /// Builds the chain for one session: counting, dead letters and the invalid-frame window on
@@ -612,7 +712,7 @@ pub fn chain(info: Arc<SessionInfo>, validate: Validate, cfg: StepConfig) -> Cha
     if route.kind == RouteKind::Control {
         steps.push(Box::new(Commands::new(
             audit,
-            OpenCommands::new(cfg.command_timeout, cfg.max_open_commands),
+            OpenCommands::new(cfg.command_timeout, cfg.limits.commands_in_flight),
         )));
     }
     if let Some(connection) = connection {
@@ -626,6 +726,10 @@ pub fn chain(info: Arc<SessionInfo>, validate: Validate, cfg: StepConfig) -> Cha
     }));
     Chain {
         info,
+        rates: Rates {
+            limits: SessionLimits::new(cfg.limits, now()),
+            hits: cfg.limit_hits,
+        },
         validate,
         steps,
         rejected: 0,

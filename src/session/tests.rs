@@ -19,6 +19,7 @@ use super::table::SessionHandle;
 use crate::admission::routing::{FrameRules, Route};
 use crate::audit::{AuditLog, RecordKind, WriterConfig};
 use crate::frames::DecodeLimits;
+use crate::policy::limits::{DeviceLimits, LimitAction, RateRule};
 use crate::policy::liveness::{Liveness, PingRules, SessionTimers};
 use crate::policy::rejections::{LogLimiter, RejectionStats};
 use crate::schema::{SchemaKind, SchemaSet};
@@ -582,10 +583,181 @@ fn step_config(
                 max_payload_bytes: 1024,
             }),
             command_timeout,
-            max_open_commands: 4,
+            limits: unlimited(),
+            limit_hits: Arc::new(RejectionStats::default()),
         },
         rx,
     )
+}
+
+/// Limits that no test frame reaches, with 4 commands in flight.
+fn unlimited() -> DeviceLimits {
+    DeviceLimits {
+        max_message_bytes: 1 << 20,
+        frames: None,
+        bytes: None,
+        commands_in_flight: 4,
+        abuse_rejections: 50,
+        abuse_window: Duration::from_secs(10),
+    }
+}
+
+fn frame_rate(per_second: u32, burst: u32, action: LimitAction) -> DeviceLimits {
+    DeviceLimits {
+        frames: Some(RateRule {
+            per_second: std::num::NonZeroU32::new(per_second).unwrap(),
+            burst: std::num::NonZeroU32::new(burst).unwrap(),
+            action,
+        }),
+        abuse_rejections: 3,
+        ..unlimited()
+    }
+}
+
+fn default_rules() -> FrameRules {
+    FrameRules {
+        error_replies: true,
+        invalid_frame_limit: 20,
+        invalid_frame_window: Duration::from_secs(10),
+    }
+}
+
+/// `reject`: frames over the rate are dropped with a `rate-limited` error frame naming the
+/// limit, counted per (type, route, limit); one rejection more than the abuse allowance in
+/// its window ends the session with 1008, and the backend gets 1001.
+#[tokio::test(start_paused = true)]
+async fn frames_over_the_rate_are_rejected_and_sustained_abuse_closes_with_1008() {
+    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
+    cfg.limits = frame_rate(10, 2, LimitAction::Reject);
+    let hits = cfg.limit_hits.clone();
+    let mut chain = chain(
+        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
+        cfg,
+    );
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        for _ in 0..2 {
+            device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+            assert_eq!(next(&mut backend).await, Message::text(r#"{"t":1}"#));
+        }
+        for _ in 0..3 {
+            device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+            let Message::Text(reply) = next(&mut device).await else {
+                panic!("an error frame");
+            };
+            let reply: Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!(reply["code"], "rate-limited");
+            assert!(
+                reply["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("frames_per_second"),
+                "{reply}"
+            );
+        }
+        device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+        assert_eq!(
+            close_code_of(&mut device).await,
+            close_code::POLICY,
+            "sustained abuse"
+        );
+        assert_eq!(close_code_of(&mut backend).await, close_code::AWAY);
+    };
+    let (end, stats) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    assert_eq!(
+        end,
+        SessionEnd::OverLimit {
+            code: close_code::POLICY,
+            limit: "frames_per_second"
+        }
+    );
+    assert_eq!(stats.up.frames, 2);
+    let counted: Vec<(String, u64)> = hits
+        .snapshot()
+        .into_iter()
+        .map(|c| (c.reason, c.count))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![
+            ("frames_per_second:close".to_string(), 1),
+            ("frames_per_second:reject".to_string(), 3)
+        ]
+    );
+}
+
+/// `delay`: nothing is lost; the device's frames reach the backend at the configured rate
+/// (the relay stops reading from the device meanwhile).
+#[tokio::test(start_paused = true)]
+async fn frames_over_the_rate_are_delayed_and_none_is_lost() {
+    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
+    cfg.limits = frame_rate(10, 2, LimitAction::Delay);
+    let mut chain = chain(
+        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
+        cfg,
+    );
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let start = tokio::time::Instant::now();
+    let peers = async {
+        for i in 0..12 {
+            device
+                .send(Message::text(format!(r#"{{"t":{i}}}"#)))
+                .await
+                .unwrap();
+        }
+        for i in 0..12 {
+            assert_eq!(
+                next(&mut backend).await,
+                Message::text(format!(r#"{{"t":{i}}}"#))
+            );
+        }
+        // Two in the burst, then ten at 100 ms each.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1000) && took < Duration::from_millis(1100),
+            "{took:?}"
+        );
+        device.close(None).await.unwrap();
+        backend.flush().await.unwrap();
+    };
+    let (end, stats) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    assert!(
+        matches!(end, SessionEnd::ClosedBy(Closer::Device, _)),
+        "{end:?}"
+    );
+    assert_eq!(stats.up.frames, 12);
+}
+
+/// A message over the device type's `max_message_bytes` ends the session with 1009.
+#[tokio::test(start_paused = true)]
+async fn a_message_over_the_type_limit_closes_with_1009() {
+    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
+    cfg.limits = DeviceLimits {
+        max_message_bytes: 16,
+        ..unlimited()
+    };
+    let mut chain = chain(
+        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
+        cfg,
+    );
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text(r#"{"t":1}"#));
+        device
+            .send(Message::text(r#"{"t":1234567890123}"#))
+            .await
+            .unwrap();
+        assert_eq!(close_code_of(&mut device).await, close_code::SIZE);
+    };
+    let (end, _) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    assert_eq!(
+        end,
+        SessionEnd::OverLimit {
+            code: close_code::SIZE,
+            limit: "max_message_bytes"
+        }
+    );
 }
 
 fn chain(info: Arc<SessionInfo>, cfg: StepConfig) -> Chain {
