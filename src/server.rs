@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -238,16 +237,8 @@ impl Server {
             "gateway listening"
         );
 
-        let permits = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         loop {
-            // Both waits are cancel-safe: a permit or connection not yet obtained is not lost.
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
+            // Cancel-safe: a connection not yet accepted is not lost.
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = listener.accept() => match r {
@@ -258,6 +249,12 @@ impl Server {
                         continue;
                     }
                 },
+            };
+            // Budgets checked before any TLS work; beyond one, the connection is closed at
+            // once rather than left waiting.
+            let Some((handshake, source)) = admit_connection(&shared, peer.ip()) else {
+                drop(tcp);
+                continue;
             };
             let shared = shared.clone();
             // The session runs on a worker's own runtime: move the socket's registration.
@@ -270,10 +267,10 @@ impl Server {
             };
             workers.spawn(self.tracker.track_future(async move {
                 match tokio::net::TcpStream::from_std(tcp) {
-                    Ok(tcp) => session::handle(shared, tcp, peer).await,
+                    Ok(tcp) => session::handle(shared, tcp, peer, handshake).await,
                     Err(e) => tracing::warn!(error = %e, "could not register the connection"),
                 }
-                drop(permit);
+                drop(source);
             }));
         }
 
@@ -321,6 +318,61 @@ impl Server {
         }
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// A connection's place in its source address's budget, given back when it ends.
+struct SourceSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.shared
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(self.ip);
+    }
+}
+
+/// The handshake budget and the source's budgets for a new connection from `ip`; `None`
+/// (counted, and logged at a bounded rate) when one of them is spent.
+fn admit_connection(
+    shared: &Arc<Shared>,
+    ip: std::net::IpAddr,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, SourceSlot)> {
+    let refused = |limit: &'static str| {
+        shared.count_refusal(limit);
+        if let crate::policy::rejections::LogDecision::Log { suppressed_before } =
+            shared.refusal_log.check(crate::session::steps::now())
+        {
+            tracing::warn!(peer.ip = %ip, limit, suppressed_before, "connection closed at accept: budget spent");
+        }
+    };
+    let Ok(handshake) = shared.handshake_slots.clone().try_acquire_owned() else {
+        refused("max_handshakes");
+        return None;
+    };
+    let at = shared.epoch.elapsed();
+    let admitted = shared
+        .sources
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .admit(ip, at);
+    match admitted {
+        Ok(()) => Some((
+            handshake,
+            SourceSlot {
+                shared: shared.clone(),
+                ip,
+            },
+        )),
+        Err(why) => {
+            refused(why.as_str());
+            None
+        }
     }
 }
 

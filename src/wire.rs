@@ -221,6 +221,12 @@ pub enum Refusal {
         open: usize,
         allowed: usize,
     },
+    /// The device already holds its type's `sessions_per_device` sessions across routes.
+    TooManySessions {
+        limit: usize,
+    },
+    /// Every session slot (`server.max_connections`) is taken.
+    OverCapacity,
 }
 
 impl Refusal {
@@ -236,11 +242,12 @@ impl Refusal {
             | Refusal::NotClientCertificate => 403,
             Refusal::MethodNotAllowed => 405,
             Refusal::SessionOpen { .. } => 409,
+            Refusal::TooManySessions { .. } => 429,
             Refusal::UpgradeRequired => 426,
             Refusal::HeadersTooLarge => 431,
             Refusal::NoSchema { .. } => 500,
             Refusal::BackendUnavailable => 502,
-            Refusal::ShuttingDown | Refusal::Draining => 503,
+            Refusal::ShuttingDown | Refusal::Draining | Refusal::OverCapacity => 503,
         }
     }
 
@@ -264,6 +271,8 @@ impl Refusal {
             Refusal::ShuttingDown => "shutting-down",
             Refusal::Draining => "draining",
             Refusal::SessionOpen { .. } => "session-open",
+            Refusal::TooManySessions { .. } => "too-many-sessions",
+            Refusal::OverCapacity => "over-capacity",
         }
     }
 
@@ -307,6 +316,13 @@ impl Refusal {
             Refusal::SessionOpen { open, allowed } => Cow::Owned(format!(
                 "a session of this device is already open on this route ({open} open, {allowed} allowed)"
             )),
+            Refusal::TooManySessions { limit } => Cow::Owned(format!(
+                "this device already holds {limit} sessions (limit sessions_per_device = {limit})"
+            )),
+            Refusal::OverCapacity => {
+                "the gateway is at its session limit (server.max_connections); try again later"
+                    .into()
+            }
         }
     }
 
@@ -320,7 +336,11 @@ impl Refusal {
         }
         if matches!(
             self,
-            Refusal::ShuttingDown | Refusal::Draining | Refusal::BackendUnavailable
+            Refusal::ShuttingDown
+                | Refusal::Draining
+                | Refusal::BackendUnavailable
+                | Refusal::OverCapacity
+                | Refusal::TooManySessions { .. }
         ) {
             extra.push_str("Retry-After: 5\r\n");
         }
@@ -341,6 +361,7 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        429 => "Too Many Requests",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",

@@ -190,6 +190,12 @@ impl AdminClient {
         self.get("/v1/stats/rejections")
     }
 
+    /// Limit and budget hits per (device type, route, limit); budgets at accept have type
+    /// and route `-`.
+    pub fn limit_hits(&self) -> Result<Vec<RejectionCount>, ClientError> {
+        self.get("/v1/stats/limits")
+    }
+
     pub fn audit_verify(&self, device: Option<&str>) -> Result<Vec<AuditVerdict>, ClientError> {
         match device {
             Some(d) => self.get(&format!("/v1/audit/verify?device={d}")),

@@ -8,6 +8,7 @@ pub mod decide;
 pub mod health;
 pub mod identity;
 pub mod routing;
+pub mod sources;
 pub mod upgrade;
 
 pub use decide::{admit, Admission, Admitted};

@@ -132,3 +132,19 @@ pub const DEFAULT_LIMIT_ACTION: &str = "delay";
 /// Rate rejections (action `reject`) within the window that end the session with 1008.
 pub const DEFAULT_ABUSE_REJECTIONS: u32 = 50;
 pub const DEFAULT_ABUSE_WINDOW: Duration = Duration::from_secs(10);
+/// Handshakes (TLS and upgrade request) in progress at once: 500. Beyond it a new connection
+/// is closed at once, so silent TCP connections can never take session slots, and the
+/// session budget plus this one (each handshake may hold a backend socket) stay under a
+/// 20,000 open-file limit.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 500;
+/// New handshakes per second from one source address, with a burst: 100/s after 1,000 at
+/// once lets a whole site behind one NAT reconnect after an outage, and stops one address
+/// from hammering the TLS stack.
+pub const DEFAULT_SOURCE_HANDSHAKES_PER_SECOND: u32 = 100;
+pub const DEFAULT_SOURCE_HANDSHAKE_BURST: u32 = 1000;
+/// Connections at once from one source address: 10,000, above the session budget, so only
+/// sites behind one address larger than a whole gateway need to raise it.
+pub const DEFAULT_SOURCE_CONNECTIONS: u32 = 10_000;
+/// Sessions one device may hold at once across all routes: 8 (with the default `takeover`
+/// a device has at most one per route).
+pub const DEFAULT_SESSIONS_PER_DEVICE: usize = 8;

@@ -111,6 +111,12 @@ pub struct FileServer {
     pub shutdown_grace_ms: Option<u64>,
     /// Idle time before TCP keepalive probes start on both sockets; 0 turns keepalive off.
     pub tcp_keepalive_ms: Option<u64>,
+    pub max_handshakes: Option<usize>,
+    /// 0: no rate per source.
+    pub source_handshakes_per_second: Option<u32>,
+    pub source_handshake_burst: Option<u32>,
+    /// 0: no bound per source.
+    pub source_connections: Option<u32>,
     pub drain_grace_ms: Option<u64>,
 }
 
@@ -128,6 +134,7 @@ pub struct FileLimits {
     pub bytes_burst: Option<u32>,
     pub bytes_action: Option<String>,
     pub commands_in_flight: Option<usize>,
+    pub sessions_per_device: Option<usize>,
     pub abuse_rejections: Option<u32>,
     pub abuse_window_ms: Option<u64>,
 }
@@ -143,6 +150,7 @@ impl FileLimits {
             bytes_burst: self.bytes_burst.or(d.bytes_burst),
             bytes_action: self.bytes_action.or_else(|| d.bytes_action.clone()),
             commands_in_flight: self.commands_in_flight.or(d.commands_in_flight),
+            sessions_per_device: self.sessions_per_device.or(d.sessions_per_device),
             abuse_rejections: self.abuse_rejections.or(d.abuse_rejections),
             abuse_window_ms: self.abuse_window_ms.or(d.abuse_window_ms),
         }
@@ -397,7 +405,12 @@ pub struct Config {
     /// Session worker threads (one single-threaded runtime each).
     pub workers: NonZeroUsize,
     pub listen: SocketAddr,
+    /// Sessions at once (after their upgrade request); beyond: 503.
     pub max_connections: NonZeroUsize,
+    /// Handshakes in progress at once; beyond: closed at accept.
+    pub max_handshakes: NonZeroUsize,
+    /// Per source address budgets, checked at accept.
+    pub sources: crate::admission::sources::SourceRules,
     pub shutdown_grace: Duration,
     pub registry_path: PathBuf,
     pub deadletter: DeadLetterConfig,
@@ -498,6 +511,8 @@ impl Config {
             workers: server.workers,
             listen: server.listen,
             max_connections: server.max_connections,
+            max_handshakes: server.max_handshakes,
+            sources: server.sources,
             shutdown_grace: server.shutdown_grace,
             registry_path: at((), base).path(&file.registry.path),
             deadletter,
@@ -538,6 +553,12 @@ impl Config {
         }
         if self.max_connections != next.max_connections {
             changed.push("server.max_connections");
+        }
+        if self.max_handshakes != next.max_handshakes {
+            changed.push("server.max_handshakes");
+        }
+        if self.sources != next.sources {
+            changed.push("server.source_* budgets");
         }
         if self.shutdown_grace != next.shutdown_grace {
             changed.push("server.shutdown_grace_ms");
@@ -598,6 +619,8 @@ struct ServerSection {
     listen: SocketAddr,
     workers: NonZeroUsize,
     max_connections: NonZeroUsize,
+    max_handshakes: NonZeroUsize,
+    sources: crate::admission::sources::SourceRules,
     handshake_timeout: Duration,
     max_request_header_bytes: usize,
     close_timeout: Duration,
@@ -643,10 +666,35 @@ impl TryFrom<Section<'_, FileServer>> for ServerSection {
                 .ok_or_else(|| invalid("server.workers must be between 1 and 256"))?,
             None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
         };
+        let max_handshakes = NonZeroUsize::new(s.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES))
+            .ok_or_else(|| invalid("server.max_handshakes must be at least 1"))?;
+        let rate = s
+            .source_handshakes_per_second
+            .unwrap_or(DEFAULT_SOURCE_HANDSHAKES_PER_SECOND);
+        let handshakes = match std::num::NonZeroU32::new(rate) {
+            None => None,
+            Some(per_second) => Some((
+                per_second,
+                std::num::NonZeroU32::new(
+                    s.source_handshake_burst
+                        .unwrap_or(DEFAULT_SOURCE_HANDSHAKE_BURST.max(rate)),
+                )
+                .ok_or_else(|| invalid("server.source_handshake_burst must be at least 1"))?,
+            )),
+        };
+        let sources = crate::admission::sources::SourceRules {
+            handshakes,
+            connections: match s.source_connections.unwrap_or(DEFAULT_SOURCE_CONNECTIONS) {
+                0 => None,
+                n => Some(n),
+            },
+        };
         Ok(Self {
             listen,
             workers,
             max_connections,
+            max_handshakes,
+            sources,
             handshake_timeout: ms(
                 s.handshake_timeout_ms,
                 DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1035,11 +1083,18 @@ fn device_limits(
             "{at}.commands_in_flight must be at least 1"
         )));
     }
+    let sessions = f.sessions_per_device.unwrap_or(DEFAULT_SESSIONS_PER_DEVICE);
+    if sessions == 0 {
+        return Err(invalid(format!(
+            "{at}.sessions_per_device must be at least 1"
+        )));
+    }
     Ok(DeviceLimits {
         max_message_bytes,
         frames,
         bytes,
         commands_in_flight,
+        sessions,
         abuse_rejections: f.abuse_rejections.unwrap_or(DEFAULT_ABUSE_REJECTIONS),
         abuse_window: ms(
             f.abuse_window_ms,

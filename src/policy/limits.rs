@@ -84,6 +84,8 @@ pub struct DeviceLimits {
     /// `None`: no byte rate. Its burst is at least `max_message_bytes`.
     pub bytes: Option<RateRule>,
     pub commands_in_flight: usize,
+    /// Sessions one device may hold at once across all routes; one more gets 429.
+    pub sessions: usize,
     /// Rate rejections allowed per `abuse_window`; one more ends the session with 1008.
     pub abuse_rejections: u32,
     pub abuse_window: Duration,
@@ -269,6 +271,7 @@ mod tests {
             }),
             bytes: None,
             commands_in_flight: 8,
+            sessions: 8,
             abuse_rejections: 3,
             abuse_window: Duration::from_secs(10),
         }

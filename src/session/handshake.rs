@@ -27,6 +27,7 @@ use crate::audit::{Record, RecordKind};
 use crate::live::Live;
 use crate::model::Device;
 use crate::net::backend::{BackendError, BackendSocket, DeviceIdentity};
+use crate::policy::rejections::LogDecision;
 use crate::wire::Refusal;
 
 /// Longest time to write an answer (a refusal or the 101) and close TLS: 2 s. A device that
@@ -58,6 +59,8 @@ pub struct Upgraded {
     /// The session's place in the table (entered at admission) and its handle.
     pub registration: Registration,
     pub handle: SessionHandle,
+    /// Its slot of `server.max_connections`, released when the session ends.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +163,22 @@ pub async fn handshake(
         refuse(&mut tls, &Refusal::Draining).await?;
         return Ok(Outcome::Refused);
     }
+    // A session slot, held by the session until it ends. Handshakes have their own budget
+    // (taken at accept), so connections that never finish one never hold a slot.
+    let slot = match shared.session_slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            shared.count_refusal("max_connections");
+            if shared.refusal_log.check(super::steps::now()) != LogDecision::Suppress {
+                tracing::warn!(
+                    refusal = Refusal::OverCapacity.code(),
+                    "refused: every session slot is taken (server.max_connections)"
+                );
+            }
+            refuse(&mut tls, &Refusal::OverCapacity).await?;
+            return Ok(Outcome::Refused);
+        }
+    };
 
     let record = shared.registry.lookup(&cert.fingerprint);
     let decision = admit(Admission {
@@ -212,17 +231,19 @@ pub async fn handshake(
         cert_serial: cert.serial.clone(),
         started: time::OffsetDateTime::now_utc(),
     };
-    let registration = match shared
-        .sessions
-        .admit(admitted, route.duplicates, handle.clone())
-    {
-        Ok(r) => r,
-        Err(refusal) => {
-            log_refusal(shared, conn_id, &refusal, Some(&device.id), &cert, resumed);
-            refuse(&mut tls, &refusal).await?;
-            return Ok(Outcome::Refused);
-        }
-    };
+    let per_device = runtime.device_limits.for_type(&device.device_type).sessions;
+    let registration =
+        match shared
+            .sessions
+            .admit(admitted, route.duplicates, per_device, handle.clone())
+        {
+            Ok(r) => r,
+            Err(refusal) => {
+                log_refusal(shared, conn_id, &refusal, Some(&device.id), &cert, resumed);
+                refuse(&mut tls, &refusal).await?;
+                return Ok(Outcome::Refused);
+            }
+        };
 
     let connected = connect_backend(
         shared,
@@ -262,6 +283,7 @@ pub async fn handshake(
         backend_url,
         registration,
         handle,
+        slot,
     })))
 }
 
@@ -351,13 +373,16 @@ fn log_refusal(
     cert: &PeerCertificate,
     resumed: bool,
 ) {
-    tracing::info!(
-        refusal = refusal.code(),
-        device.id = device_id.unwrap_or("-"),
-        cert.sha256 = %cert.fingerprint,
-        tls.resumed = resumed,
-        "refused before the upgrade"
-    );
+    if let LogDecision::Log { suppressed_before } = shared.refusal_log.check(super::steps::now()) {
+        tracing::info!(
+            refusal = refusal.code(),
+            device.id = device_id.unwrap_or("-"),
+            cert.sha256 = %cert.fingerprint,
+            tls.resumed = resumed,
+            suppressed_before,
+            "refused before the upgrade"
+        );
+    }
     if let (Some(audit), Some(id)) = (&shared.audit, device_id) {
         audit.record(Record {
             device: id.to_string(),

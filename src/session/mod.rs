@@ -52,6 +52,16 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Every backend's passive health, kept across reloads.
     pub backend_health: Arc<crate::net::backend::HealthTable>,
+    /// `server.max_connections` session slots.
+    pub session_slots: Arc<tokio::sync::Semaphore>,
+    /// `server.max_handshakes` handshake slots, taken at accept.
+    pub handshake_slots: Arc<tokio::sync::Semaphore>,
+    /// Per source address budgets, checked at accept.
+    pub sources: std::sync::Mutex<crate::admission::sources::SourceBudgets>,
+    /// Log lines about refused connections, rate-limited across connections.
+    pub refusal_log: Arc<LogLimiter>,
+    /// When the process started: the accept loop's clock for the source budgets.
+    pub epoch: tokio::time::Instant,
     boot_id: u64,
     next_connection: AtomicU64,
 }
@@ -76,6 +86,11 @@ impl Shared {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let (sessions, handshakes, sources) = (
+            config.max_connections.get(),
+            config.max_handshakes.get(),
+            config.sources,
+        );
         Self {
             config,
             live,
@@ -90,9 +105,19 @@ impl Shared {
             sessions: Arc::new(table::SessionTable::default()),
             draining: CancellationToken::new(),
             backend_health: Arc::new(crate::net::backend::HealthTable::default()),
+            session_slots: Arc::new(tokio::sync::Semaphore::new(sessions)),
+            handshake_slots: Arc::new(tokio::sync::Semaphore::new(handshakes)),
+            sources: std::sync::Mutex::new(crate::admission::sources::SourceBudgets::new(sources)),
+            refusal_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
+            epoch: tokio::time::Instant::now(),
             boot_id,
             next_connection: AtomicU64::new(1),
         }
+    }
+
+    /// Counts a connection refused for a budget (`limit` is its configuration key).
+    pub fn count_refusal(&self, limit: &'static str) {
+        self.limit_hits.count("-", "-", limit);
     }
 
     /// A connection id unique within this process and, by its boot prefix, across restarts.
@@ -121,8 +146,14 @@ impl Shared {
     }
 }
 
-/// Handles one accepted TCP connection until it ends.
-pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Handles one accepted TCP connection until it ends. `handshake` is its handshake slot,
+/// given back once the handshake is over.
+pub async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) {
     let conn_id = shared.connection_id();
     let span = tracing::info_span!("conn", conn.id = %conn_id, peer = %peer);
     async move {
@@ -131,7 +162,9 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         // One snapshot of the runtime configuration for the whole handshake and session setup.
         let live = shared.live.load_full();
         crate::net::keepalive(&tcp, live.config.tcp_keepalive);
-        let upgraded = match handshake::handshake(&shared, &live, tcp, peer, &conn_id).await {
+        let result = handshake::handshake(&shared, &live, tcp, peer, &conn_id).await;
+        drop(handshake);
+        let upgraded = match result {
             Ok(Outcome::Upgraded(u)) => u,
             Ok(Outcome::Refused) => return,
             Err(e) => {
@@ -151,6 +184,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             backend_url,
             registration,
             handle,
+            slot,
         } = *upgraded;
         let taken_over = registration.upgraded(&backend_url);
         if !taken_over.is_empty() {
@@ -202,7 +236,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         )
         .await;
         chain.finish(&end);
-        drop(registration);
+        drop((registration, slot));
         tracing::info!(
             device.id = %info.device_id,
             device.r#type = %info.device_type,

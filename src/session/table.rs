@@ -283,6 +283,7 @@ impl SessionTable {
         self: &Arc<Self>,
         info: Admitted,
         policy: DuplicatePolicy,
+        per_device: usize,
         handle: SessionHandle,
     ) -> Result<Registration, Refusal> {
         let mut devices = lock(&self.devices);
@@ -291,6 +292,14 @@ impl SessionTable {
             .iter()
             .filter(|e| e.info.route == info.route)
             .count();
+        // Sessions a takeover will end do not count against the device's own limit.
+        let staying = match policy {
+            DuplicatePolicy::Takeover => entries.len() - open,
+            _ => entries.len(),
+        };
+        if staying >= per_device {
+            return Err(Refusal::TooManySessions { limit: per_device });
+        }
         let allowed = match policy {
             DuplicatePolicy::Takeover => usize::MAX,
             DuplicatePolicy::Reject => 1,
@@ -458,7 +467,7 @@ mod tests {
         policy: DuplicatePolicy,
     ) -> Result<(Registration, SessionHandle), Refusal> {
         let h = SessionHandle::child_of(shutdown);
-        let r = table.admit(a, policy, h.clone())?;
+        let r = table.admit(a, policy, 100, h.clone())?;
         Ok((r, h))
     }
 
@@ -552,6 +561,29 @@ mod tests {
             0,
             "c3 was never upgraded"
         );
+    }
+
+    #[test]
+    fn sessions_per_device_count_across_routes() {
+        let table = Arc::new(SessionTable::default());
+        let shutdown = CancellationToken::new();
+        let on = |conn: &str, route: &str| {
+            let mut a = admitted(conn, "lock-1", "aa");
+            a.route = route.into();
+            a
+        };
+        let h = || SessionHandle::child_of(&shutdown);
+        let any = DuplicatePolicy::Allow(10);
+        let _a = table.admit(on("c1", "r1"), any, 2, h()).unwrap();
+        let _b = table.admit(on("c2", "r2"), any, 2, h()).unwrap();
+        assert_eq!(
+            table.admit(on("c3", "r3"), any, 2, h()).err(),
+            Some(Refusal::TooManySessions { limit: 2 })
+        );
+        // A takeover on r1 replaces c1: it stays within the limit.
+        assert!(table
+            .admit(on("c4", "r1"), DuplicatePolicy::Takeover, 2, h())
+            .is_ok());
     }
 
     #[test]

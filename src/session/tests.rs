@@ -597,6 +597,7 @@ fn unlimited() -> DeviceLimits {
         frames: None,
         bytes: None,
         commands_in_flight: 4,
+        sessions: 8,
         abuse_rejections: 50,
         abuse_window: Duration::from_secs(10),
     }

@@ -281,6 +281,8 @@ pub struct Options {
     pub schemas_dir: Option<PathBuf>,
     /// More sections at the end of the file.
     pub tail: String,
+    /// More keys for the [server] section.
+    pub server_extra: String,
 }
 
 impl Options {
@@ -297,6 +299,7 @@ impl Options {
             extra: String::new(),
             schemas_dir: None,
             tail: String::new(),
+            server_extra: String::new(),
         }
     }
 }
@@ -374,6 +377,7 @@ listen = "127.0.0.1:0"
 handshake_timeout_ms = {hs}
 close_timeout_ms = 2000
 shutdown_grace_ms = {grace}
+{server_extra}
 
 [tls]
 cert = "server.pem"
@@ -415,6 +419,7 @@ connect_timeout_ms = {connect}
             .clone()
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")),
         tail = options.tail,
+        server_extra = options.server_extra,
     );
     let mut text = text;
     if let Some(extra) = &options.audit {
@@ -614,6 +619,44 @@ pub async fn connect(
 ) -> Result<Connected, ConnectError> {
     let tls = connect_tls(addr, config).await?;
     upgrade(tls, addr, protocols, extra_headers).await
+}
+
+/// Connects from the local address `source` (e.g. 127.0.0.2: every 127/8 address works on
+/// loopback), then TLS and the upgrade.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    protocols: &[&str],
+) -> Result<Connected, ConnectError> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let tcp = socket
+        .connect(addr)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    upgrade(tls, addr, protocols, &[]).await
+}
+
+/// Whether the gateway closes a fresh TCP connection from `source` at once (before any TLS):
+/// it reads end of stream (or a reset) without having sent anything.
+pub async fn closed_at_accept(source: std::net::IpAddr, addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let Ok(mut tcp) = socket.connect(addr).await else {
+        return true;
+    };
+    let mut buf = [0u8; 1];
+    matches!(
+        // Closed at accept means at once; an admitted connection waits for its ClientHello.
+        tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 /// TLS only, so a test can look at the session before the upgrade.

@@ -1,0 +1,199 @@
+//! Admission budgets over real TLS: handshakes in progress, session slots, per source
+//! address (rate and connections at once) and sessions per device. Each refusal comes at
+//! once, says which limit was hit, and a session already running keeps exchanging frames.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const LOCAL: &str = "127.0.0.1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Silent TCP connections fill the handshake budget: the next connection is closed at once
+/// instead of waiting, and a running session is not harmed. Once they go, devices connect.
+#[tokio::test]
+async fn silent_connections_cannot_take_session_slots() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.server_extra = "max_handshakes = 2\n".into();
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("sensor-1", "env-sensor");
+    let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be = ingest.next().await;
+
+    let silent: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            v.push(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+        }
+        v
+    };
+    // The budget is taken once the gateway has accepted both: poll until a third is closed.
+    let t = within(async {
+        loop {
+            let t = Instant::now();
+            if closed_at_accept(ip(LOCAL), gw.addr).await {
+                return t.elapsed();
+            }
+        }
+    })
+    .await;
+    assert!(t < Duration::from_millis(500), "closed after {t:?}");
+    // The running session is unharmed.
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+
+    drop(silent);
+    let back = within(async {
+        loop {
+            if let Ok(conn) = gw.connect(Some(&sensor), &["telemetry.v1"]).await {
+                return conn;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop(back);
+    let c = gw.admin_client();
+    let hits = tokio::task::spawn_blocking(move || c.limit_hits().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        hits.iter()
+            .any(|h| h.reason == "max_handshakes" && h.count >= 1),
+        "{hits:?}"
+    );
+    gw.stop().await;
+}
+
+/// Beyond `server.max_connections` sessions a device gets 503 `over-capacity` with
+/// Retry-After after TLS; a freed slot serves the next one.
+#[tokio::test]
+async fn beyond_the_session_budget_devices_get_503() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.server_extra = "max_connections = 1\n".into();
+    let gw = Gateway::start(options).await;
+    let a = gw.enroll("sensor-a", "env-sensor");
+    let b = gw.enroll("sensor-b", "env-sensor");
+    let (dev_a, _) = gw.connect(Some(&a), &["telemetry.v1"]).await.unwrap();
+    let _be = ingest.next().await;
+    match gw.connect(Some(&b), &["telemetry.v1"]).await {
+        Err(ConnectError::Http {
+            status,
+            refusal,
+            body,
+        }) => {
+            assert_eq!((status, refusal.as_deref()), (503, Some("over-capacity")));
+            assert!(body.contains("server.max_connections"), "{body}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(dev_a);
+    within(async {
+        loop {
+            if gw.connect(Some(&b), &["telemetry.v1"]).await.is_ok() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    gw.stop().await;
+}
+
+/// One source address over its connections at once, or over its handshake rate, is closed
+/// at accept; a device from another address is served meanwhile.
+#[tokio::test]
+async fn per_source_budgets_close_at_accept_and_spare_other_sources() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.server_extra =
+        "source_connections = 2\nsource_handshakes_per_second = 1\nsource_handshake_burst = 2\n"
+            .into();
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("sensor-1", "env-sensor");
+    let other = gw.enroll("sensor-2", "env-sensor");
+    let src = ip("127.0.0.3");
+    let cfg = gw.client_config(Some(&sensor));
+    let (_a, _) = connect_from(src, gw.addr, cfg.clone(), &["telemetry.v1"])
+        .await
+        .unwrap();
+    let (_b, _) = connect_from(src, gw.addr, cfg.clone(), &["telemetry.v1"])
+        .await
+        .unwrap();
+    let _ = (ingest.next().await, ingest.next().await);
+    // Two open from 127.0.0.3: a third is closed before TLS.
+    assert!(closed_at_accept(src, gw.addr).await);
+    // Another address is served.
+    let (mut dev, _) = connect_from(
+        ip("127.0.0.4"),
+        gw.addr,
+        gw.client_config(Some(&other)),
+        &["telemetry.v1"],
+    )
+    .await
+    .unwrap();
+    let mut be = ingest.next().await;
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+    // The rate: 127.0.0.5 may open 2 at once (burst), then 1 per second.
+    let rated = ip("127.0.0.5");
+    let mut refused = 0;
+    for _ in 0..6 {
+        if closed_at_accept(rated, gw.addr).await {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 1, "the handshake rate closed none of 6");
+    let c = gw.admin_client();
+    let hits = tokio::task::spawn_blocking(move || c.limit_hits().unwrap())
+        .await
+        .unwrap();
+    for limit in ["source_connections", "source_handshakes_per_second"] {
+        assert!(hits.iter().any(|h| h.reason == limit), "{limit}: {hits:?}");
+    }
+    gw.stop().await;
+}
+
+/// One certificate cannot hold more than its type's `sessions_per_device` across routes:
+/// the next gets 429 naming the limit.
+#[tokio::test]
+async fn a_device_beyond_its_sessions_gets_429() {
+    let mut backend = Backend::start().await;
+    let mut options = Options::new(vec![
+        telemetry_route(vec![backend.url("/t")]),
+        control_route(vec![backend.url("/c")]),
+    ]);
+    options.tail = "[limits.door-lock]\nsessions_per_device = 1\n".into();
+    let gw = Gateway::start(options).await;
+    let lock = gw.enroll("lock-1", "door-lock");
+    let (_t, _) = gw.connect(Some(&lock), &["telemetry.v1"]).await.unwrap();
+    let _be = backend.next().await;
+    match gw.connect(Some(&lock), &["control.v1"]).await {
+        Err(ConnectError::Http {
+            status,
+            refusal,
+            body,
+        }) => {
+            assert_eq!(
+                (status, refusal.as_deref()),
+                (429, Some("too-many-sessions"))
+            );
+            assert!(body.contains("sessions_per_device = 1"), "{body}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // A takeover on the same route replaces the session instead.
+    let (_t2, _) = gw.connect(Some(&lock), &["telemetry.v1"]).await.unwrap();
+    gw.stop().await;
+}
