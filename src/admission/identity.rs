@@ -163,6 +163,37 @@ pub fn check_device(device: Option<&Device>) -> Result<&Device, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Identity extraction and CRL parsing take arbitrary bytes without panicking.
+        #[test]
+        fn arbitrary_der_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = PeerCertificate::parse(&bytes);
+            let _ = RevocationIndex::default().add_crl(&bytes);
+        }
+
+        /// A real certificate with bytes flipped is refused or parsed, never a panic.
+        #[test]
+        fn mutated_certificates_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..16)) {
+            let mut der = mutation_base().to_vec();
+            for (at, x) in flips {
+                let i = at % der.len();
+                der[i] ^= x;
+            }
+            let _ = PeerCertificate::parse(&der);
+        }
+    }
+
+    /// One device certificate's DER, issued once for the mutation test.
+    fn mutation_base() -> &'static [u8] {
+        static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        DER.get_or_init(|| {
+            ca().issue_device("dev-fuzz", &DeviceCertOptions::default())
+                .unwrap()
+                .cert_der
+        })
+    }
     use gatehouse_pki::{CertificateAuthority, DeviceCertOptions, Revocation};
     use time::{Duration, OffsetDateTime};
 

@@ -94,6 +94,9 @@ pub struct RouteOptions {
     /// Request headers of the device passed on to the backend (lower case, `_` folded to
     /// `-`); nothing else is, apart from what the WebSocket handshake needs.
     pub forward_headers: Vec<String>,
+    /// `false`: an opaque route. Frames pass unchanged and undecoded (still under the size
+    /// and rate limits), and no schema is needed. Telemetry routes only.
+    pub validate: bool,
 }
 
 /// A header name as backends compare it: lower case, `_` read as `-` (many stacks fold it).
@@ -120,6 +123,7 @@ pub struct Route {
     pub timers: SessionTimers,
     pub duplicates: DuplicatePolicy,
     pub forward_headers: Vec<String>,
+    pub validate: bool,
     next_backend: AtomicUsize,
 }
 
@@ -161,6 +165,12 @@ impl Route {
         if backends.is_empty() {
             return Err("backends is empty: list at least one ws:// or wss:// URL".into());
         }
+        if !options.validate && kind == RouteKind::Control {
+            return Err(
+                "validate = false is for telemetry routes: a control route reads command ids for the audit log"
+                    .into(),
+            );
+        }
         let backends = backends
             .iter()
             .map(|b| BackendUrl::parse(b))
@@ -178,6 +188,7 @@ impl Route {
                 .iter()
                 .map(|h| fold_header_name(h))
                 .collect(),
+            validate: options.validate,
             next_backend: AtomicUsize::new(0),
         })
     }
@@ -231,7 +242,7 @@ impl RouteTable {
     /// Every (route, device type, file) a route needs but `schemas` lacks.
     pub fn missing_schemas(&self, schemas: &SchemaSet) -> Vec<(String, String, &'static str)> {
         let mut out = Vec::new();
-        for route in &self.routes {
+        for route in self.routes.iter().filter(|r| r.validate) {
             let kind = SchemaKind::required_by(route.kind);
             for t in &route.device_types {
                 if schemas.get(t, kind).is_none() {
@@ -291,6 +302,7 @@ pub(crate) mod tests {
             },
             duplicates: DuplicatePolicy::Allow(usize::MAX),
             forward_headers: Vec::new(),
+            validate: true,
         }
     }
 

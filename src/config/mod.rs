@@ -265,6 +265,8 @@ pub struct FileRoute {
     pub max_sessions_per_device: Option<usize>,
     /// Request headers of the device passed on to the backend.
     pub forward_headers: Option<Vec<String>>,
+    /// `false`: an opaque route (telemetry only): frames pass undecoded.
+    pub validate: Option<bool>,
     pub session: Option<FileSession>,
 }
 
@@ -988,6 +990,7 @@ impl TryFrom<(Vec<FileRoute>, FileSession)> for RouteTable {
                 timers,
                 duplicates: duplicate_policy(&r)?,
                 forward_headers,
+                validate: r.validate.unwrap_or(true),
             };
             let route = Route::parse(
                 &r.subprotocol,
@@ -1301,6 +1304,11 @@ mod tests {
                 "[tls]",
                 "[backend]\neject_base_ms = 10\neject_max_ms = 5\n[tls]",
                 "eject_max_ms",
+            ),
+            (
+                "kind = \"telemetry\"",
+                "kind = \"control\"\nvalidate = false",
+                "validate = false is for telemetry routes",
             ),
         ];
         for (from, to, needle) in cases {

@@ -729,6 +729,57 @@ async fn frames_over_the_rate_are_delayed_and_none_is_lost() {
     assert_eq!(stats.up.frames, 12);
 }
 
+/// An opaque route (`validate = false`) passes frames that are neither JSON nor CBOR
+/// unchanged, for a device type without any schema, still under the rate limit.
+#[tokio::test(start_paused = true)]
+async fn an_opaque_route_forwards_undecoded_frames() {
+    let mut options = crate::admission::routing::tests::options(default_rules());
+    options.validate = false;
+    let route = Route::parse(
+        "firmware.v1",
+        "telemetry",
+        &["camera".to_string()],
+        &["ws://127.0.0.1:1/".to_string()],
+        options,
+    )
+    .unwrap();
+    let info = Arc::new(SessionInfo {
+        device_id: "cam-1".into(),
+        device_type: "camera".into(),
+        route: Arc::new(route),
+        backend_url: "ws://127.0.0.1:1/".into(),
+        conn_id: "c-1".into(),
+    });
+    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
+    cfg.limits = frame_rate(10, 2, LimitAction::Reject);
+    let mut chain = chain(info, cfg);
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let peers = async {
+        let frames = [
+            Message::text("not json at all {"),
+            Message::binary(vec![0xff, 0x00, 0xfe, 0x01]),
+        ];
+        for f in frames {
+            device.send(f.clone()).await.unwrap();
+            assert_eq!(next(&mut backend).await, f);
+        }
+        // The rate still applies.
+        device.send(Message::text("third")).await.unwrap();
+        let Message::Text(reply) = next(&mut device).await else {
+            panic!("an error frame");
+        };
+        assert!(reply.contains("rate-limited"), "{reply}");
+        device.close(None).await.unwrap();
+        backend.flush().await.unwrap();
+    };
+    let (end, stats) = relay_with(&mut chain, &mut gw_dev, &mut gw_be, peers).await;
+    assert!(
+        matches!(end, SessionEnd::ClosedBy(Closer::Device, _)),
+        "{end:?}"
+    );
+    assert_eq!(stats.up.frames, 2);
+}
+
 /// A message over the device type's `max_message_bytes` ends the session with 1009.
 #[tokio::test(start_paused = true)]
 async fn a_message_over_the_type_limit_closes_with_1009() {
