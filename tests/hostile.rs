@@ -1,0 +1,439 @@
+//! The hostile-input suite: raw bytes an attacker (or a broken device) sends, over real TLS.
+//! Each case asserts the documented answer (HTTP status, close code, or a closed
+//! connection), that the gateway stays up, and that a well-behaved device connected all
+//! along keeps exchanging frames with its backend within normal latency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket frame as bytes: any flags, opcode, mask and announced length.
+struct Raw {
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    payload: Vec<u8>,
+    /// Announce this length instead of the payload's.
+    announce: Option<u64>,
+}
+
+impl Raw {
+    fn new(opcode: u8, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            fin: true,
+            rsv: 0,
+            opcode,
+            masked: true,
+            payload: payload.into(),
+            announce: None,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = vec![(u8::from(self.fin) << 7) | (self.rsv << 4) | self.opcode];
+        let len = self.announce.unwrap_or(self.payload.len() as u64);
+        let mask_bit = if self.masked { 0x80 } else { 0 };
+        if len < 126 {
+            out.push(mask_bit | len as u8);
+        } else if len <= u64::from(u16::MAX) {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+        let key = [0x11, 0x22, 0x33, 0x44];
+        if self.masked {
+            out.extend_from_slice(&key);
+            out.extend(self.payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(&self.payload);
+        }
+        out
+    }
+}
+
+const TEXT: u8 = 0x1;
+const CONTINUATION: u8 = 0x0;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+
+/// A gateway with one well-behaved device connected for the whole test.
+struct Bed {
+    gw: Gateway,
+    ingest: Backend,
+    good: DeviceSocket,
+    good_be: BackendConn,
+    attacker: gatehouse_pki::IssuedCert,
+}
+
+impl Bed {
+    async fn start() -> Bed {
+        let mut ingest = Backend::start().await;
+        let gw = Gateway::start(Options::new(vec![telemetry_route(vec![ingest.url("/")])])).await;
+        let good_cert = gw.enroll("good-1", "env-sensor");
+        let attacker = gw.enroll("bad-1", "env-sensor");
+        let (good, _) = gw
+            .connect(Some(&good_cert), &["telemetry.v1"])
+            .await
+            .unwrap();
+        let good_be = ingest.next().await;
+        Bed {
+            gw,
+            ingest,
+            good,
+            good_be,
+            attacker,
+        }
+    }
+
+    /// The well-behaved device still gets a frame through, quickly.
+    async fn good_device_unharmed(&mut self, case: &str) {
+        let t = Instant::now();
+        self.good.send(Message::text(reading(7))).await.unwrap();
+        assert_eq!(
+            next_msg(&mut self.good_be.ws).await,
+            Message::text(reading(7)),
+            "{case}"
+        );
+        let rtt = t.elapsed();
+        assert!(rtt < Duration::from_millis(500), "{case}: {rtt:?}");
+    }
+
+    /// An upgraded attacker session, and its backend side.
+    async fn attacker_session(&mut self) -> (DeviceSocket, BackendConn) {
+        let (ws, _) = self
+            .gw
+            .connect(Some(&self.attacker), &["telemetry.v1"])
+            .await
+            .unwrap();
+        (ws, self.ingest.next().await)
+    }
+
+    /// TLS to the gateway with the attacker's certificate, nothing sent yet.
+    async fn attacker_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        connect_tls(self.gw.addr, self.gw.client_config(Some(&self.attacker)))
+            .await
+            .unwrap()
+    }
+}
+
+/// Reads the close code the gateway sends, within the test bound; `None` for a connection
+/// that ended without one.
+async fn close_code<S>(ws: &mut S) -> Option<u16>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures_util::StreamExt;
+    within(async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+}
+
+/// A case: its name, the raw frames sent, the close codes that are correct.
+type Case = (&'static str, Vec<Vec<u8>>, &'static [u16]);
+
+#[tokio::test]
+async fn malformed_frames_get_their_documented_close_codes() {
+    let mut bed = Bed::start().await;
+    let long_ping = Raw::new(PING, vec![0u8; 126]);
+    let mut unmasked = Raw::new(TEXT, "hi");
+    unmasked.masked = false;
+    let mut rsv = Raw::new(TEXT, "hi");
+    rsv.rsv = 0b100;
+    let mut fragmented_ping = Raw::new(PING, "x");
+    fragmented_ping.fin = false;
+    let mut huge = Raw::new(TEXT, Vec::new());
+    huge.announce = Some(1 << 40);
+    let mut first_half = Raw::new(TEXT, vec![b'a'; 60 * 1024]);
+    first_half.fin = false;
+    let cases: Vec<Case> = vec![
+        ("unmasked client frame", vec![unmasked.bytes()], &[1002]),
+        (
+            "reserved bits without an extension",
+            vec![rsv.bytes()],
+            &[1002],
+        ),
+        (
+            "reserved opcode 3",
+            vec![Raw::new(0x3, "x").bytes()],
+            &[1002],
+        ),
+        ("fragmented ping", vec![fragmented_ping.bytes()], &[1002]),
+        (
+            "control frame over 125 bytes",
+            vec![long_ping.bytes()],
+            &[1002],
+        ),
+        (
+            "continuation with nothing to continue",
+            vec![Raw::new(CONTINUATION, "x").bytes()],
+            &[1002],
+        ),
+        (
+            "invalid UTF-8 in a text frame",
+            vec![Raw::new(TEXT, vec![0xc3, 0x28]).bytes()],
+            &[1007],
+        ),
+        (
+            "a header announcing 2^40 bytes",
+            vec![huge.bytes()],
+            &[1009],
+        ),
+        (
+            "fragments beyond the message limit",
+            vec![
+                first_half.bytes(),
+                Raw::new(CONTINUATION, vec![b'a'; 10 * 1024]).bytes(),
+            ],
+            &[1009],
+        ),
+        (
+            "close code 999",
+            vec![Raw::new(CLOSE, 999u16.to_be_bytes().to_vec()).bytes()],
+            &[1002],
+        ),
+        (
+            "close code 1005 on the wire",
+            vec![Raw::new(CLOSE, 1005u16.to_be_bytes().to_vec()).bytes()],
+            &[1002],
+        ),
+        (
+            "close reason that is not UTF-8",
+            vec![Raw::new(CLOSE, [&1000u16.to_be_bytes()[..], &[0xff, 0xfe]].concat()).bytes()],
+            &[1002, 1007],
+        ),
+    ];
+    for (case, frames, codes) in cases {
+        let (mut ws, mut be) = bed.attacker_session().await;
+        for f in frames {
+            ws.get_mut().write_all(&f).await.unwrap();
+        }
+        ws.get_mut().flush().await.unwrap();
+        let got = close_code(&mut ws).await;
+        assert!(
+            got.is_some_and(|c| codes.contains(&c)),
+            "{case}: close {got:?}, expected one of {codes:?}"
+        );
+        // The backend is told the device is gone.
+        assert!(
+            close_code(&mut be.ws).await.is_some(),
+            "{case}: backend not closed"
+        );
+        bed.good_device_unharmed(case).await;
+    }
+    bed.gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_and_frames_after_close_harm_nobody() {
+    let mut bed = Bed::start().await;
+    // 5,000 pings the attacker never reads the pongs of.
+    let (mut ws, _be) = bed.attacker_session().await;
+    let ping = Raw::new(PING, "p").bytes();
+    let flood: Vec<u8> = std::iter::repeat_n(ping, 5000).flatten().collect();
+    ws.get_mut().write_all(&flood).await.unwrap();
+    ws.get_mut().flush().await.unwrap();
+    bed.good_device_unharmed("ping flood").await;
+    drop(ws);
+
+    // A close, then data after it: the gateway answers the close and forwards nothing.
+    let (mut ws, mut be) = bed.attacker_session().await;
+    let mut bytes = Raw::new(CLOSE, 1000u16.to_be_bytes().to_vec()).bytes();
+    bytes.extend(Raw::new(TEXT, reading(1)).bytes());
+    ws.get_mut().write_all(&bytes).await.unwrap();
+    ws.get_mut().flush().await.unwrap();
+    assert_eq!(close_code(&mut be.ws).await, Some(1000));
+    assert_eq!(close_code(&mut ws).await, Some(1000));
+    bed.good_device_unharmed("frames after close").await;
+    bed.gw.stop().await;
+}
+
+/// Reads an HTTP answer off a raw TLS stream: the status and the whole text.
+async fn http_answer(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u16, String) {
+    let mut buf = Vec::new();
+    let _ = within(tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+const UPGRADE: &str = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: telemetry.v1\r\n";
+
+#[tokio::test]
+async fn hostile_upgrade_requests_get_their_documented_statuses() {
+    let mut bed = Bed::start().await;
+    let many_headers: String = (0..70).map(|i| format!("X-Pad-{i}: x\r\n")).collect();
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "a body",
+            format!("{UPGRADE}Content-Length: 5\r\n\r\nhello"),
+            400,
+            "bad-request",
+        ),
+        (
+            "Content-Length with Transfer-Encoding",
+            format!("{UPGRADE}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400,
+            "bad-request",
+        ),
+        (
+            "no key",
+            format!("{UPGRADE}\r\n").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+            400,
+            "bad-request",
+        ),
+        (
+            "a key that is not 16 bytes",
+            format!("{UPGRADE}\r\n").replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="),
+            400,
+            "bad-request",
+        ),
+        (
+            "version 8",
+            format!("{UPGRADE}\r\n").replace("Version: 13", "Version: 8"),
+            426,
+            "upgrade-required",
+        ),
+        (
+            "too many headers",
+            format!("{UPGRADE}{many_headers}\r\n"),
+            431,
+            "headers-too-large",
+        ),
+        (
+            "an oversized head",
+            format!("{UPGRADE}X-Big: {}\r\n\r\n", "a".repeat(9000)),
+            431,
+            "headers-too-large",
+        ),
+        (
+            "an unrouted subprotocol",
+            format!("{UPGRADE}\r\n").replace("telemetry.v1", "admin.v1"),
+            400,
+            "no-route",
+        ),
+    ];
+    for (case, request, status, code) in cases {
+        let mut tls = bed.attacker_tls().await;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let (got, text) = http_answer(&mut tls).await;
+        assert_eq!(got, status, "{case}: {text}");
+        assert!(
+            text.contains(&format!("x-gatehouse-refusal: {code}")),
+            "{case}: {text}"
+        );
+        bed.good_device_unharmed(case).await;
+    }
+
+    // permessage-deflate offered: the upgrade succeeds without it.
+    let mut tls = bed.attacker_tls().await;
+    tls.write_all(
+        format!(
+            "{UPGRADE}Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = within(tls.read(&mut head)).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-extensions"), "{head}");
+    let _be = bed.ingest.next().await;
+    drop(tls);
+
+    // A second request pipelined after the upgrade is read as WebSocket bytes: 1002.
+    let mut tls = bed.attacker_tls().await;
+    tls.write_all(format!("{UPGRADE}\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = within(tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // The close frame after the 101: opcode 0x88, then the code 1002.
+    let close_at = buf
+        .windows(2)
+        .position(|w| w[0] == 0x88)
+        .expect("a close frame");
+    let code = u16::from_be_bytes([buf[close_at + 2], buf[close_at + 3]]);
+    assert_eq!(code, 1002, "{text}");
+    bed.good_device_unharmed("pipelined request").await;
+    bed.gw.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_tls_clients_are_refused_and_harm_nobody() {
+    let mut bed = Bed::start().await;
+    // Plain HTTP to the TLS port.
+    let mut tcp = tokio::net::TcpStream::connect(bed.gw.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = within(tcp.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 101"));
+    bed.good_device_unharmed("plain HTTP").await;
+
+    // TLS 1.2 when the minimum is 1.3.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(
+            bed.gw.ca.cert_der().to_vec(),
+        ))
+        .unwrap();
+    let tls12 = rustls::ClientConfig::builder_with_provider(gatehouse::net::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let refused = connect(
+        bed.gw.addr,
+        std::sync::Arc::new(tls12),
+        &["telemetry.v1"],
+        &[],
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ConnectError::Transport(_))),
+        "{refused:?}"
+    );
+    bed.good_device_unharmed("TLS 1.2").await;
+
+    // A ClientHello one byte at a time, slower than the handshake timeout allows, does not
+    // hold up a new device meanwhile.
+    let mut slow = tokio::net::TcpStream::connect(bed.gw.addr).await.unwrap();
+    slow.write_all(&[0x16]).await.unwrap();
+    let other = bed.gw.enroll("good-2", "env-sensor");
+    let (_dev, _) = bed
+        .gw
+        .connect(Some(&other), &["telemetry.v1"])
+        .await
+        .unwrap();
+    bed.good_device_unharmed("slow ClientHello").await;
+    drop(slow);
+    bed.gw.stop().await;
+}
