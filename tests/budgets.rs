@@ -197,3 +197,68 @@ async fn a_device_beyond_its_sessions_gets_429() {
     let (_t2, _) = gw.connect(Some(&lock), &["telemetry.v1"]).await.unwrap();
     gw.stop().await;
 }
+
+/// Over real TLS: a type whose frame rate rejects gets `rate-limited` error frames and,
+/// kept up, a 1008 close naming the limit; a type whose rate delays loses nothing.
+#[tokio::test]
+async fn rate_limits_per_device_type_over_tls() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.tail = "[limits]\nframes_per_second = 20\nframes_burst = 5\n[limits.door-lock]\nframes_per_second = 2\nframes_burst = 2\nframes_action = \"reject\"\nabuse_rejections = 3\n".into();
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("sensor-1", "env-sensor");
+    let lock = gw.enroll("lock-1", "door-lock");
+
+    // delay (env-sensor): 15 frames at once all arrive, in order, at about 20 per second.
+    let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be = ingest.next().await;
+    let t = Instant::now();
+    for i in 0..15 {
+        dev.send(Message::text(reading(i))).await.unwrap();
+    }
+    for i in 0..15 {
+        assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(i)));
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(450),
+        "10 over the burst at 20/s: {took:?}"
+    );
+
+    // reject (door-lock): 2 pass, then error frames, then 1008.
+    let (mut dev, _) = gw.connect(Some(&lock), &["telemetry.v1"]).await.unwrap();
+    let mut be = ingest.next().await;
+    let frame = r#"{"type":"status","seq":1,"ts":1764000000000,"locked":true,"battery_pct":80}"#;
+    let mut errors = 0;
+    for _ in 0..6 {
+        dev.send(Message::text(frame)).await.unwrap();
+    }
+    loop {
+        match next_msg(&mut dev).await {
+            Message::Text(t) => {
+                assert!(
+                    t.contains("rate-limited") && t.contains("frames_per_second"),
+                    "{t}"
+                );
+                errors += 1;
+            }
+            Message::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1008);
+                assert!(f.reason.contains("frames_per_second"), "{}", f.reason);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The backend got the two within the burst, then the close.
+    let mut forwarded = 0;
+    loop {
+        match next_msg(&mut be.ws).await {
+            Message::Text(_) => forwarded += 1,
+            Message::Close(_) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((forwarded, errors), (2, 3));
+    gw.stop().await;
+}

@@ -437,3 +437,79 @@ async fn hostile_tls_clients_are_refused_and_harm_nobody() {
     drop(slow);
     bed.gw.stop().await;
 }
+
+/// Every kind of bad certificate is refused with its documented answer, and the device
+/// connected all along is unharmed each time.
+#[tokio::test]
+async fn bad_certificates_are_refused_and_harm_nobody() {
+    let mut bed = Bed::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let enroll = |gw: &Gateway, id: &str, cert: &gatehouse_pki::IssuedCert| {
+        gw.registry
+            .enroll(gatehouse::model::Enrollment {
+                id: id.into(),
+                device_type: "env-sensor".into(),
+                sha256: cert.fingerprint_hex(),
+                labels: Default::default(),
+            })
+            .unwrap();
+    };
+    let mut expired_opts = device_options();
+    expired_opts.not_before = Some(now - time::Duration::days(3));
+    expired_opts.validity = time::Duration::days(1);
+    let expired = bed.gw.ca.issue_device("expired-1", &expired_opts).unwrap();
+    let mut future_opts = device_options();
+    future_opts.not_before = Some(now + time::Duration::days(2));
+    let future = bed.gw.ca.issue_device("future-1", &future_opts).unwrap();
+    let mut no_eku_opts = device_options();
+    no_eku_opts.client_auth_eku = false;
+    let no_eku = bed.gw.ca.issue_device("no-eku-1", &no_eku_opts).unwrap();
+    let server_only = bed
+        .gw
+        .ca
+        .issue_server(&["localhost".into()], &[], time::Duration::days(1))
+        .unwrap();
+    let revoked = bed.gw.enroll("revoked-1", "env-sensor");
+    bed.gw.revoke_in_crl(&revoked);
+    let unknown = bed.gw.issue("never-enrolled");
+    for (id, cert) in [
+        ("expired-1", &expired),
+        ("future-1", &future),
+        ("no-eku-1", &no_eku),
+        ("server-only", &server_only),
+    ] {
+        enroll(&bed.gw, id, cert);
+    }
+    let cases: [(&str, &gatehouse_pki::IssuedCert, Option<(u16, &str)>); 6] = [
+        ("expired", &expired, None),
+        ("not yet valid", &future, None),
+        (
+            "no extended key usage",
+            &no_eku,
+            Some((403, "not-a-client-certificate")),
+        ),
+        ("serverAuth only", &server_only, None),
+        ("revoked in the CRL", &revoked, None),
+        (
+            "valid chain, not enrolled",
+            &unknown,
+            Some((403, "unknown-device")),
+        ),
+    ];
+    for (case, cert, answer) in cases {
+        let result = bed.gw.connect(Some(cert), &["telemetry.v1"]).await;
+        match answer {
+            Some((status, code)) => assert_refused(result, status, code),
+            // The TLS layer refuses these with an alert.
+            None => assert!(
+                matches!(
+                    result,
+                    Err(ConnectError::Transport(_)) | Err(ConnectError::Http { status: 403, .. })
+                ),
+                "{case}: {result:?}"
+            ),
+        }
+        bed.good_device_unharmed(case).await;
+    }
+    bed.gw.stop().await;
+}
