@@ -480,7 +480,9 @@ async fn bad_certificates_are_refused_and_harm_nobody() {
     ] {
         enroll(&bed.gw, id, cert);
     }
-    let cases: [(&str, &gatehouse_pki::IssuedCert, Option<(u16, &str)>); 6] = [
+    // (case, certificate, the HTTP answer; `None`: a TLS alert).
+    type Answer = Option<(u16, &'static str)>;
+    let cases: [(&str, &gatehouse_pki::IssuedCert, Answer); 6] = [
         ("expired", &expired, None),
         ("not yet valid", &future, None),
         (
