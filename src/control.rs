@@ -114,6 +114,7 @@ pub async fn reload_config(
     let sessions_closed = sessions.reconfigure(
         &snapshot.config.routes,
         snapshot.config.websocket.max_message_bytes,
+        &snapshot.config.device_limits,
     );
     if sessions_closed > 0 {
         tracing::info!(

@@ -254,14 +254,15 @@ impl SessionLimits {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
     }
 
-    fn limits(action: LimitAction) -> DeviceLimits {
+    /// 10 frames per second with a burst of 5, for tests elsewhere in the crate too.
+    pub(crate) fn limits(action: LimitAction) -> DeviceLimits {
         DeviceLimits {
             max_message_bytes: 1000,
             frames: Some(RateRule {

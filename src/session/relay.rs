@@ -26,6 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::table::SessionHandle;
 use crate::frames::Rejection;
+use crate::policy::limits::DeviceLimits;
 use crate::policy::liveness::{Due, Liveness};
 use crate::policy::Direction;
 use crate::wire::{close_code, Close, Closer, Leg, SessionEnd};
@@ -67,6 +68,9 @@ pub trait Inspector {
 
     /// Drives the inspector's own timers (command timeouts); called on every wake-up.
     fn poll_timers(&mut self, _cx: &mut Context<'_>) {}
+
+    /// A reload gave the device's type new limits.
+    fn set_limits(&mut self, _limits: DeviceLimits) {}
 }
 
 /// Forwards everything.
@@ -445,6 +449,9 @@ where
             if retimed.as_mut().poll(cx).is_ready() {
                 if let Some(timers) = handle.take_timers() {
                     clock.retime(timers);
+                }
+                if let Some(limits) = handle.take_limits() {
+                    inspector.set_limits(limits);
                 }
                 retimed.set(handle.retimed());
                 check = true;

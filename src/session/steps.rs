@@ -663,6 +663,11 @@ impl Inspector for Chain {
             step.poll_timers(cx);
         }
     }
+
+    /// New limits from a reload: the rates start again with a full burst.
+    fn set_limits(&mut self, limits: crate::policy::limits::DeviceLimits) {
+        self.rates.limits = SessionLimits::new(limits, now());
+    }
 }
 
 /// Where and how a session's audit records are written.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::identity::RevocationIndex;
 use crate::admission::routing::{DuplicatePolicy, RouteTable};
 use crate::model::{DeviceChange, DeviceStatus, SessionTimers};
+use crate::policy::limits::{DeviceLimits, LimitTable};
 use crate::wire::{Ending, Refusal};
 
 /// A live session as the admin API shows it.
@@ -83,8 +84,9 @@ pub struct Counters {
 struct HandleInner {
     token: CancellationToken,
     why: Mutex<Option<Ending>>,
-    /// New timers from a reload, taken by the relay when `retimed` wakes it.
+    /// New timers and limits from a reload, taken by the relay when `retimed` wakes it.
     timers: Mutex<Option<SessionTimers>>,
+    limits: Mutex<Option<DeviceLimits>>,
     retimed: Notify,
     /// Largest message the session may relay from now on (a reload may lower it).
     max_message: std::sync::atomic::AtomicUsize,
@@ -107,6 +109,7 @@ impl SessionHandle {
             token: parent.child_token(),
             why: Mutex::new(None),
             timers: Mutex::new(None),
+            limits: Mutex::new(None),
             retimed: Notify::new(),
             max_message: std::sync::atomic::AtomicUsize::new(usize::MAX),
             counters: Counters::default(),
@@ -154,6 +157,16 @@ impl SessionHandle {
 
     pub fn take_timers(&self) -> Option<SessionTimers> {
         lock(&self.0.timers).take()
+    }
+
+    /// Gives the session its device type's new limits; its relay applies them at once.
+    pub fn relimit(&self, limits: DeviceLimits) {
+        *lock(&self.0.limits) = Some(limits);
+        self.0.retimed.notify_one();
+    }
+
+    pub fn take_limits(&self) -> Option<DeviceLimits> {
+        lock(&self.0.limits).take()
     }
 
     pub fn counters(&self) -> &Counters {
@@ -397,12 +410,18 @@ impl SessionTable {
     /// longer takes their device type, end; the others get their route's new timers and the
     /// new limit (a larger one than the session started with cannot apply: the WebSocket
     /// layer's own limit was fixed at its upgrade).
-    pub fn reconfigure(&self, routes: &RouteTable, max_message_bytes: usize) -> usize {
+    pub fn reconfigure(
+        &self,
+        routes: &RouteTable,
+        max_message_bytes: usize,
+        limits: &LimitTable,
+    ) -> usize {
         let mut ended = 0;
         self.each(&Filter::default(), |e| {
             match routes.iter().find(|r| r.subprotocol == e.info.route) {
                 Some(route) if route.allows(&e.info.device_type) => {
                     e.handle.set_max_message(max_message_bytes);
+                    e.handle.relimit(*limits.for_type(&e.info.device_type));
                     e.handle.retime(route.timers)
                 }
                 _ => {
@@ -598,7 +617,19 @@ mod tests {
         assert!(!h1.is_ended());
         assert_eq!(table.kick("lock-9", None, ""), 0);
         // A route table without control.v1 ends the session.
-        assert_eq!(table.reconfigure(&RouteTable::new(Vec::new()), 1024), 2);
+        assert_eq!(
+            table.reconfigure(
+                &RouteTable::new(Vec::new()),
+                1024,
+                &LimitTable {
+                    defaults: crate::policy::limits::tests::limits(
+                        crate::policy::limits::LimitAction::Delay
+                    ),
+                    per_type: Default::default(),
+                }
+            ),
+            2
+        );
         assert_eq!(h1.why(), Some(Ending::RouteRemoved));
     }
 }

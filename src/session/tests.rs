@@ -729,6 +729,47 @@ async fn frames_over_the_rate_are_delayed_and_none_is_lost() {
     assert_eq!(stats.up.frames, 12);
 }
 
+/// New limits from a reload apply to an open session.
+#[tokio::test(start_paused = true)]
+async fn reloaded_limits_apply_to_an_open_session() {
+    let (cfg, _dead) = step_config(None, Duration::from_secs(30));
+    let mut chain = chain(
+        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
+        cfg,
+    );
+    let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
+    let handle = SessionHandle::child_of(&CancellationToken::new());
+    let peers = async {
+        for _ in 0..3 {
+            device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
+            assert_eq!(next(&mut backend).await, Message::text(r#"{"t":1}"#));
+        }
+        handle.relimit(frame_rate(1, 1, LimitAction::Reject));
+        tokio::task::yield_now().await;
+        device.send(Message::text(r#"{"t":2}"#)).await.unwrap();
+        assert_eq!(next(&mut backend).await, Message::text(r#"{"t":2}"#));
+        device.send(Message::text(r#"{"t":3}"#)).await.unwrap();
+        let Message::Text(reply) = next(&mut device).await else {
+            panic!("an error frame");
+        };
+        assert!(reply.contains("rate-limited"), "{reply}");
+        device.close(None).await.unwrap();
+        backend.flush().await.unwrap();
+    };
+    let (out, ()) = tokio::join!(
+        relay(
+            &mut gw_dev,
+            &mut gw_be,
+            &handle,
+            CLOSE_TIMEOUT,
+            quiet(),
+            &mut chain
+        ),
+        peers
+    );
+    assert_eq!(out.1.up.frames, 4);
+}
+
 /// An opaque route (`validate = false`) passes frames that are neither JSON nor CBOR
 /// unchanged, for a device type without any schema, still under the rate limit.
 #[tokio::test(start_paused = true)]
