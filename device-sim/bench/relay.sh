@@ -28,7 +28,8 @@ $B/gatehouse-pki server --dir "$W/pki" --dns localhost --ip 127.0.0.1 >/dev/null
 $B/gatehouse-pki fleet --dir "$W/pki" --type env-sensor --count "$N" --prefix s
 $B/gatehouse-sim config --listen 127.0.0.1:$GW_PORT --max-connections 9500 \
   --schemas "$PWD/schemas" --backend "ws://127.0.0.1:$INGEST_PORT/ingest" \
-  --limit "frames_per_second = 1000" --limit "frames_burst = 2000" > "$W/gatehouse.toml"
+  --limit "frames_per_second = 1000" --limit "frames_burst = 2000" \
+  --server "source_handshakes_per_second = 0" > "$W/gatehouse.toml"
 $B/gatehouse devices --config "$W/gatehouse.toml" enroll --manifest "$W/pki/fleet-s.json"
 
 $B/gatehouse-sim ingest --listen 127.0.0.1:$INGEST_PORT > "$W/ingest.log" &

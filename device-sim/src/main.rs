@@ -112,6 +112,9 @@ enum Command {
         /// A `[limits]` line, repeatable, e.g. `--limit "frames_per_second = 1000"`.
         #[arg(long = "limit")]
         limits: Vec<String>,
+        /// A `[server]` line, repeatable, e.g. `--server "source_handshakes_per_second = 0"`.
+        #[arg(long = "server")]
+        server: Vec<String>,
     },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
@@ -253,12 +256,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             device_types,
             max_connections,
             limits,
+            server,
         } => {
             let template = gatehouse::config::template::Template {
                 listen: listen.to_string(),
                 server: max_connections
                     .map(|n| format!("max_connections = {n}"))
                     .into_iter()
+                    .chain(server)
                     .collect(),
                 pki_dir: pki,
                 registry,
