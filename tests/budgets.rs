@@ -262,3 +262,45 @@ async fn rate_limits_per_device_type_over_tls() {
     assert_eq!((forwarded, errors), (2, 3));
     gw.stop().await;
 }
+
+/// A flood of silent connections from several addresses: each source is held to its share,
+/// the excess is closed at once, and a device from another address is served meanwhile.
+#[tokio::test]
+async fn a_flood_from_several_addresses_leaves_room_for_others() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.server_extra = "max_handshakes = 30\nsource_connections = 5\n".into();
+    let gw = Gateway::start(options).await;
+    let sensor = gw.enroll("sensor-1", "env-sensor");
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for source in ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13"] {
+        for _ in 0..10 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::new(ip(source), 0))
+                .unwrap();
+            held.push(socket.connect(gw.addr).await.unwrap());
+        }
+        // The sixth and later from this source are closed at once.
+        if closed_at_accept(ip(source), gw.addr).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 4, "every flooding source is over its share");
+    let t = Instant::now();
+    let (mut dev, _) = connect_from(
+        ip("127.0.0.20"),
+        gw.addr,
+        gw.client_config(Some(&sensor)),
+        &["telemetry.v1"],
+    )
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let mut be = ingest.next().await;
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+    drop(held);
+    gw.stop().await;
+}
