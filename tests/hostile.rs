@@ -515,3 +515,67 @@ async fn bad_certificates_are_refused_and_harm_nobody() {
     }
     bed.gw.stop().await;
 }
+
+/// A stalled reader on either side, over real TLS: a device that stops reading while its
+/// backend sends is closed after the write timeout (the backend gets 4013), and a backend
+/// that stops reading while its device sends ends the session the same way (the device gets
+/// 4014); a device connected all along is unharmed.
+#[tokio::test]
+async fn stalled_readers_on_either_side_are_cut_off() {
+    let mut ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    options.tail = "[session]\nwrite_timeout_ms = 500\n[limits]\nframes_per_second = 0\nbytes_per_second = 0\n".into();
+    options.schemas_dir = Some(permissive_schemas(&tempfile::tempdir().unwrap().keep()));
+    let gw = Gateway::start(options).await;
+    let good_cert = gw.enroll("good-1", "env-sensor");
+    let (mut good, _) = gw
+        .connect(Some(&good_cert), &["telemetry.v1"])
+        .await
+        .unwrap();
+    let mut good_be = ingest.next().await;
+    let stalled = gw.enroll("stalled-1", "env-sensor");
+    // A JSON string: valid under the permissive schemas.
+    let big = format!("\"{}\"", "x".repeat(16 * 1024));
+
+    // The device never reads; its backend floods it.
+    let (dev, _) = gw.connect(Some(&stalled), &["telemetry.v1"]).await.unwrap();
+    let be = ingest.next().await;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(be.ws);
+    let flood = async {
+        loop {
+            if tx.send(Message::text(big.clone())).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let code = tokio::select! {
+        c = close_code(&mut rx) => c,
+        _ = flood => unreachable!(),
+    };
+    assert_eq!(code, Some(4013));
+    drop(dev);
+    good.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut good_be.ws).await, Message::text(reading(1)));
+
+    // The backend never reads; the device floods it.
+    let (dev, _) = gw.connect(Some(&stalled), &["telemetry.v1"]).await.unwrap();
+    let _be = ingest.next().await;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(dev);
+    let flood = async {
+        loop {
+            if tx.send(Message::text(big.clone())).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let code = tokio::select! {
+        c = close_code(&mut rx) => c,
+        _ = flood => unreachable!(),
+    };
+    assert_eq!(code, Some(4014));
+    good.send(Message::text(reading(2))).await.unwrap();
+    assert_eq!(next_msg(&mut good_be.ws).await, Message::text(reading(2)));
+    gw.stop().await;
+}
