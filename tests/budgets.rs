@@ -53,16 +53,7 @@ async fn silent_connections_cannot_take_session_slots() {
     assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
 
     drop(silent);
-    let back = within(async {
-        loop {
-            if let Ok(conn) = gw.connect(Some(&sensor), &["telemetry.v1"]).await {
-                return conn;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    drop(back);
+    drop(gw.connect_eventually(&sensor, &["telemetry.v1"]).await);
     let c = gw.admin_client();
     let hits = tokio::task::spawn_blocking(move || c.limit_hits().unwrap())
         .await
@@ -99,15 +90,7 @@ async fn beyond_the_session_budget_devices_get_503() {
         other => panic!("expected 503, got {other:?}"),
     }
     drop(dev_a);
-    within(async {
-        loop {
-            if gw.connect(Some(&b), &["telemetry.v1"]).await.is_ok() {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    drop(gw.connect_eventually(&b, &["telemetry.v1"]).await);
     gw.stop().await;
 }
 

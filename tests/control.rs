@@ -388,16 +388,8 @@ async fn a_failing_backend_is_ejected_and_recovers() {
     let _ = held.await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let mut backend = Backend::start_on(listener);
-    let back = within(async {
-        loop {
-            // 502 at once while ejected; served once the backoff is over.
-            if let Ok(conn) = gw.connect(Some(&sensor), &["telemetry.v1"]).await {
-                return conn;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    // 502 at once while ejected; served once the backoff is over.
+    let back = gw.connect_eventually(&sensor, &["telemetry.v1"]).await;
     let _be = backend.next().await;
     drop(back);
     gw.stop().await;

@@ -516,6 +516,24 @@ async fn bad_certificates_are_refused_and_harm_nobody() {
     bed.gw.stop().await;
 }
 
+/// Sends `frame` over `ws` until the gateway closes it; the close code.
+async fn flood_until_closed<S>(ws: S, frame: &str) -> Option<u16>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message>
+        + Unpin,
+{
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let flood = async {
+        while tx.send(Message::text(frame)).await.is_ok() {}
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        c = close_code(&mut rx) => c,
+        _ = flood => unreachable!(),
+    }
+}
+
 /// A stalled reader on either side, over real TLS: a device that stops reading while its
 /// backend sends is closed after the write timeout (the backend gets 4013), and a backend
 /// that stops reading while its device sends ends the session the same way (the device gets
@@ -540,20 +558,7 @@ async fn stalled_readers_on_either_side_are_cut_off() {
     // The device never reads; its backend floods it.
     let (dev, _) = gw.connect(Some(&stalled), &["telemetry.v1"]).await.unwrap();
     let be = ingest.next().await;
-    let (mut tx, mut rx) = futures_util::StreamExt::split(be.ws);
-    let flood = async {
-        loop {
-            if tx.send(Message::text(big.clone())).await.is_err() {
-                break;
-            }
-        }
-        std::future::pending::<()>().await
-    };
-    let code = tokio::select! {
-        c = close_code(&mut rx) => c,
-        _ = flood => unreachable!(),
-    };
-    assert_eq!(code, Some(4013));
+    assert_eq!(flood_until_closed(be.ws, &big).await, Some(4013));
     drop(dev);
     good.send(Message::text(reading(1))).await.unwrap();
     assert_eq!(next_msg(&mut good_be.ws).await, Message::text(reading(1)));
@@ -561,20 +566,7 @@ async fn stalled_readers_on_either_side_are_cut_off() {
     // The backend never reads; the device floods it.
     let (dev, _) = gw.connect(Some(&stalled), &["telemetry.v1"]).await.unwrap();
     let _be = ingest.next().await;
-    let (mut tx, mut rx) = futures_util::StreamExt::split(dev);
-    let flood = async {
-        loop {
-            if tx.send(Message::text(big.clone())).await.is_err() {
-                break;
-            }
-        }
-        std::future::pending::<()>().await
-    };
-    let code = tokio::select! {
-        c = close_code(&mut rx) => c,
-        _ = flood => unreachable!(),
-    };
-    assert_eq!(code, Some(4014));
+    assert_eq!(flood_until_closed(dev, &big).await, Some(4014));
     good.send(Message::text(reading(2))).await.unwrap();
     assert_eq!(next_msg(&mut good_be.ws).await, Message::text(reading(2)));
     gw.stop().await;

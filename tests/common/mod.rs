@@ -535,6 +535,20 @@ impl Gateway {
         connect(self.addr, self.client_config(cert), protocols, &[]).await
     }
 
+    /// Connects until the gateway admits the device (each refusal comes at once while a
+    /// budget, an ejection or a slot is in the way), within [`WAIT`].
+    pub async fn connect_eventually(&self, cert: &IssuedCert, protocols: &[&str]) -> Connected {
+        within(async {
+            loop {
+                if let Ok(conn) = self.connect(Some(cert), protocols).await {
+                    return conn;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+    }
+
     /// Waits until the dead-letter writer has stored `n` frames in all.
     pub async fn dead_letters_stored(&self, n: u64) {
         let mut rx = self.deadletters.stored();
