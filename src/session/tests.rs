@@ -623,6 +623,16 @@ fn default_rules() -> FrameRules {
     }
 }
 
+/// An env-sensor's chain on `telemetry.v1` with these limits.
+fn sensor_chain(limits: DeviceLimits) -> Chain {
+    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
+    cfg.limits = limits;
+    chain(
+        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
+        cfg,
+    )
+}
+
 /// `reject`: frames over the rate are dropped with a `rate-limited` error frame naming the
 /// limit, counted per (type, route, limit); one rejection more than the abuse allowance in
 /// its window ends the session with 1008, and the backend gets 1001.
@@ -691,12 +701,7 @@ async fn frames_over_the_rate_are_rejected_and_sustained_abuse_closes_with_1008(
 /// (the relay stops reading from the device meanwhile).
 #[tokio::test(start_paused = true)]
 async fn frames_over_the_rate_are_delayed_and_none_is_lost() {
-    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
-    cfg.limits = frame_rate(10, 2, LimitAction::Delay);
-    let mut chain = chain(
-        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
-        cfg,
-    );
+    let mut chain = sensor_chain(frame_rate(10, 2, LimitAction::Delay));
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let start = tokio::time::Instant::now();
     let peers = async {
@@ -732,11 +737,7 @@ async fn frames_over_the_rate_are_delayed_and_none_is_lost() {
 /// New limits from a reload apply to an open session.
 #[tokio::test(start_paused = true)]
 async fn reloaded_limits_apply_to_an_open_session() {
-    let (cfg, _dead) = step_config(None, Duration::from_secs(30));
-    let mut chain = chain(
-        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
-        cfg,
-    );
+    let mut chain = sensor_chain(unlimited());
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let handle = SessionHandle::child_of(&CancellationToken::new());
     let peers = async {
@@ -824,15 +825,10 @@ async fn an_opaque_route_forwards_undecoded_frames() {
 /// A message over the device type's `max_message_bytes` ends the session with 1009.
 #[tokio::test(start_paused = true)]
 async fn a_message_over_the_type_limit_closes_with_1009() {
-    let (mut cfg, _dead) = step_config(None, Duration::from_secs(30));
-    cfg.limits = DeviceLimits {
+    let mut chain = sensor_chain(DeviceLimits {
         max_message_bytes: 16,
         ..unlimited()
-    };
-    let mut chain = chain(
-        info("telemetry.v1", "telemetry", "env-sensor", default_rules()),
-        cfg,
-    );
+    });
     let ((mut gw_dev, mut device), (mut gw_be, mut backend)) = session_pairs().await;
     let peers = async {
         device.send(Message::text(r#"{"t":1}"#)).await.unwrap();
