@@ -462,6 +462,30 @@ impl SessionEnd {
         }
     }
 
+    /// The device is at fault and its connection is still up: the backend is closed first
+    /// and what it still sends (answers to the device's frames before the fault) reaches the
+    /// device before the device's close frame, as a server facing the device directly
+    /// would have answered them before it read the faulty frame.
+    pub fn backend_first(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::DeviceProtocolError(_)
+                | SessionEnd::InvalidFrameLimit
+                | SessionEnd::OverLimit { .. }
+        )
+    }
+
+    /// The leg whose framing broke: after the close frame its bytes are read and discarded
+    /// unparsed until it closes (a lingering close), since closing a socket with unread data
+    /// resets it and the peer would lose the close frame.
+    pub fn broken_leg(&self) -> Option<Leg> {
+        match self {
+            SessionEnd::DeviceProtocolError(_) => Some(Leg::Device),
+            SessionEnd::BackendProtocolError(_) => Some(Leg::Backend),
+            _ => None,
+        }
+    }
+
     pub fn closer(&self) -> Closer {
         match self {
             SessionEnd::ClosedBy(c, _) => *c,

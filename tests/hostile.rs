@@ -126,7 +126,8 @@ impl Bed {
 }
 
 /// Reads the close code the gateway sends, within the test bound; `None` for a connection
-/// that ended without one.
+/// that ended without one. Then reads on, as a real peer does, so that its close reply goes
+/// out and it sees the connection end.
 async fn close_code<S>(ws: &mut S) -> Option<u16>
 where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
@@ -135,13 +136,49 @@ where
     within(async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(Message::Close(f))) => {
+                    while let Some(Ok(_)) = ws.next().await {}
+                    return f.map(|f| u16::from(f.code));
+                }
                 Some(Ok(_)) => continue,
                 _ => return None,
             }
         }
     })
     .await
+}
+
+/// A ClientHello record as a TLS 1.0-1.2 client sends it: `version` in the hello, no
+/// supported_versions extension, ECDHE and RSA suites, and a renegotiation_info extension.
+fn legacy_client_hello(version: u16) -> Vec<u8> {
+    let suites: &[u16] = &[0xc02b, 0xc009, 0xc013, 0x002f, 0x0035];
+    let mut extensions = Vec::new();
+    let mut extension = |kind: u16, data: &[u8]| {
+        extensions.extend_from_slice(&kind.to_be_bytes());
+        extensions.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        extensions.extend_from_slice(data);
+    };
+    extension(0x000a, &[0x00, 0x02, 0x00, 0x17]); // supported_groups: secp256r1
+    extension(0x000b, &[0x01, 0x00]); // ec_point_formats: uncompressed
+    extension(0x000d, &[0x00, 0x02, 0x04, 0x03]); // signature_algorithms: ecdsa_secp256r1_sha256
+    extension(0xff01, &[0x00]); // renegotiation_info, initial handshake
+    let mut body = version.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0x5a; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+    for suite in suites {
+        body.extend_from_slice(&suite.to_be_bytes());
+    }
+    body.extend_from_slice(&[1, 0]); // compression: null
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut handshake = vec![0x01];
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
 }
 
 /// A case: its name, the raw frames sent, the close codes that are correct.
@@ -224,18 +261,71 @@ async fn malformed_frames_get_their_documented_close_codes() {
             ws.get_mut().write_all(&f).await.unwrap();
         }
         ws.get_mut().flush().await.unwrap();
-        let got = close_code(&mut ws).await;
+        // The backend is told the device is gone (first), then the device why.
+        let (got, backend_close) = tokio::join!(close_code(&mut ws), close_code(&mut be.ws));
         assert!(
             got.is_some_and(|c| codes.contains(&c)),
             "{case}: close {got:?}, expected one of {codes:?}"
         );
-        // The backend is told the device is gone.
-        assert!(
-            close_code(&mut be.ws).await.is_some(),
-            "{case}: backend not closed"
-        );
+        assert!(backend_close.is_some(), "{case}: backend not closed");
         bed.good_device_unharmed(case).await;
     }
+    bed.gw.stop().await;
+}
+
+#[tokio::test]
+async fn answers_in_flight_reach_a_device_before_its_protocol_error_close() {
+    // What a server facing the device directly would do: it answers the frames before the
+    // faulty one, then fails the connection. The gateway closes the backend first and
+    // relays what it still sends.
+    let mut bed = Bed::start().await;
+    let (mut ws, mut be) = bed.attacker_session().await;
+    let mut rsv = Raw::new(TEXT, "bad");
+    rsv.rsv = 0b010;
+    let frames = [Raw::new(TEXT, reading(1)).bytes(), rsv.bytes()].concat();
+    ws.get_mut().write_all(&frames).await.unwrap();
+    ws.get_mut().flush().await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+    be.ws.send(Message::text("ack 1")).await.unwrap();
+    assert_eq!(next_msg(&mut ws).await, Message::text("ack 1"));
+    let (device_close, backend_close) = tokio::join!(close_code(&mut ws), close_code(&mut be.ws));
+    assert_eq!(device_close, Some(1002));
+    assert_eq!(backend_close, Some(1001));
+    bed.good_device_unharmed("answer before a protocol error close")
+        .await;
+    bed.gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_still_sending_an_oversized_frame_receives_its_1009() {
+    // The gateway stops parsing at the header, but the device goes on sending the payload.
+    // Closing the socket with that data unread would reset the connection (and a peer in the
+    // middle of a write may lose the close frame): the gateway shuts its side and discards
+    // what still comes, unparsed, until the device closes.
+    let mut bed = Bed::start().await;
+    let (mut ws, mut be) = bed.attacker_session().await;
+    let mut frame = Raw::new(TEXT, Vec::new());
+    frame.announce = Some(16 << 20);
+    let tls = ws.get_mut();
+    tls.write_all(&frame.bytes()).await.unwrap();
+    tls.write_all(&vec![b'a'; 256 << 10]).await.unwrap();
+    tls.flush().await.unwrap();
+    let (device_close, backend_close) = tokio::join!(close_code(&mut ws), close_code(&mut be.ws));
+    assert_eq!(device_close, Some(1009));
+    assert!(backend_close.is_some());
+    // The rest of the payload is still taken (and dropped), not answered with a reset.
+    let tls = ws.get_mut();
+    let rest = within(async {
+        for _ in 0..16 {
+            tls.write_all(&vec![b'a'; 64 << 10]).await?;
+            tls.flush().await?;
+        }
+        tls.shutdown().await
+    })
+    .await;
+    assert!(rest.is_ok(), "the gateway reset the connection: {rest:?}");
+    bed.good_device_unharmed("oversized frame still being sent")
+        .await;
     bed.gw.stop().await;
 }
 
@@ -422,6 +512,57 @@ async fn hostile_tls_clients_are_refused_and_harm_nobody() {
         "{refused:?}"
     );
     bed.good_device_unharmed("TLS 1.2").await;
+
+    // TLS 1.0, 1.1 and 1.2 ClientHellos (no supported_versions extension: the version is
+    // the hello's own), each also asking for renegotiation: a fatal protocol_version alert.
+    for (version, name) in [
+        (0x0301, "TLS 1.0"),
+        (0x0302, "TLS 1.1"),
+        (0x0303, "TLS 1.2"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(bed.gw.addr).await.unwrap();
+        tcp.write_all(&legacy_client_hello(version)).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = within(tcp.read_to_end(&mut answer)).await;
+        assert_eq!(
+            answer.get(..2),
+            Some(&[0x15, 0x03][..]),
+            "{name}: not an alert record: {answer:02x?}"
+        );
+        assert_eq!(
+            answer.get(5..7),
+            Some(&[2, 70][..]),
+            "{name}: not a fatal protocol_version alert: {answer:02x?}"
+        );
+        bed.good_device_unharmed(name).await;
+    }
+
+    // Renegotiation: TLS 1.3 has none, and TLS 1.2 is refused above. A client that finishes
+    // a TLS 1.3 handshake and then sends a new ClientHello in the clear gets a fatal alert
+    // (rustls reads every record after the handshake as encrypted: bad_record_mac) and is
+    // closed.
+    let mut tls = bed.attacker_tls().await;
+    let (tcp, _) = tls.get_mut();
+    tcp.write_all(&legacy_client_hello(0x0303)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let after = within(tls.read(&mut buf)).await;
+    let alert = after
+        .as_ref()
+        .err()
+        .and_then(|e| e.get_ref())
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    assert!(
+        matches!(
+            alert,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadRecordMac
+            ))
+        ),
+        "renegotiation: {after:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = within(tls.get_mut().0.read_to_end(&mut rest)).await;
+    bed.good_device_unharmed("renegotiation").await;
 
     // A ClientHello one byte at a time, slower than the handshake timeout allows, does not
     // hold up a new device meanwhile.

@@ -1,6 +1,7 @@
 //! Sample backends for demos and tests: `ingest` counts the telemetry it receives per device;
 //! `control` also sends commands to every connected device and counts the answers. Both read
-//! the identity headers the gateway sets and count connections that lack them.
+//! the identity headers the gateway sets and count connections that lack them. `echo` sends
+//! every message back as it came (the server behind the Autobahn conformance run).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,14 +72,22 @@ pub enum Kind {
     Control {
         interval: Duration,
     },
+    /// Sends every text and binary message back unchanged, up to this size.
+    Echo {
+        max_message_bytes: usize,
+    },
 }
 
-fn ws_config() -> WebSocketConfig {
+fn ws_config(kind: Kind) -> WebSocketConfig {
+    let max = match kind {
+        Kind::Echo { max_message_bytes } => max_message_bytes,
+        Kind::Ingest | Kind::Control { .. } => 1 << 20,
+    };
     WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0)
-        .max_message_size(Some(1 << 20))
-        .max_frame_size(Some(1 << 20))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 /// Serves until `shutdown`, then closes every connection with 1001.
@@ -134,7 +143,7 @@ async fn connection(
         Ok(resp)
     };
     let Ok(mut ws) =
-        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(ws_config())).await
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(ws_config(kind))).await
     else {
         return;
     };
@@ -143,9 +152,10 @@ async fn connection(
         stats.missing_identity.fetch_add(1, Ordering::Relaxed);
     }
     let interval = match kind {
-        Kind::Ingest => None,
+        Kind::Ingest | Kind::Echo { .. } => None,
         Kind::Control { interval } => Some(interval),
     };
+    let echo = matches!(kind, Kind::Echo { .. });
     let mut tick = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -171,6 +181,12 @@ async fn connection(
                 stats.commands_sent.fetch_add(1, Ordering::Relaxed);
             }
             msg = ws.next() => match msg {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) if echo => {
+                    stats.add_frame(&device, msg.len());
+                    if ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
                     stats.add_frame(&device, t.len());
                     let id = serde_json::from_str::<serde_json::Value>(&t)

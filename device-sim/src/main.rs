@@ -12,6 +12,7 @@ use gatehouse_sim::backends::{self, BackendStats, Kind};
 use gatehouse_sim::demo::{self, DemoOptions};
 use gatehouse_sim::device::{self, Target};
 use gatehouse_sim::fleet::{self, FleetOptions};
+use gatehouse_sim::tunnel;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -120,6 +121,32 @@ enum Command {
     Ingest {
         #[arg(long, default_value = "127.0.0.1:9001")]
         listen: SocketAddr,
+    },
+    /// Sample echo backend: sends every message back unchanged (for conformance runs).
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9003")]
+        listen: SocketAddr,
+        /// Largest message (and frame) accepted, in bytes.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_message_bytes: usize,
+    },
+    /// Accept plain TCP and carry each connection to the gateway over TLS with one device's
+    /// certificate, so a WebSocket client without client-certificate support can connect.
+    Tunnel {
+        #[arg(long, default_value = "127.0.0.1:9004")]
+        listen: SocketAddr,
+        /// Gateway URL, e.g. wss://localhost:8443/ (its host is the TLS server name).
+        #[arg(long)]
+        url: String,
+        /// The device's certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The device's private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// CA that signed the gateway's certificate.
+        #[arg(long)]
+        ca: PathBuf,
     },
     /// Sample control backend: sends commands to each device and counts answers.
     Control {
@@ -282,6 +309,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ingest { listen } => backend(listen, Kind::Ingest, "ingest").await,
+        Command::Echo {
+            listen,
+            max_message_bytes,
+        } => {
+            anyhow::ensure!(
+                max_message_bytes >= 125,
+                "--max-message-bytes must be at least 125"
+            );
+            backend(listen, Kind::Echo { max_message_bytes }, "echo").await
+        }
+        Command::Tunnel {
+            listen,
+            url,
+            cert,
+            key,
+            ca,
+        } => {
+            let target = Target::parse(&url)?;
+            let read =
+                |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+            let config = device::client_config(device::roots(&ca)?, &read(&cert)?, &read(&key)?)?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!(
+                "tunnel listening on {} -> {url} (Ctrl-C to stop)",
+                listener.local_addr()?
+            );
+            tunnel::serve(listener, target, config, ctrl_c_token()).await;
+            Ok(())
+        }
         Command::Control {
             listen,
             interval_ms,

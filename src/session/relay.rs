@@ -542,10 +542,40 @@ where
         .await
     };
     let device_alive = !matches!(end, SessionEnd::DeviceVanished);
-    let backend_alive = !matches!(end, SessionEnd::BackendVanished);
+    let mut backend_alive = !matches!(end, SessionEnd::BackendVanished);
+    if end.backend_first() && backend_alive {
+        // The backend's close handshake completes here (or fails): nothing left for `finish`.
+        let unsent = up.pending.take();
+        let _ = tokio::time::timeout(
+            close_timeout,
+            settle_backend(
+                backend,
+                device,
+                &mut down,
+                unsent,
+                end.to_backend(),
+                inspector,
+            ),
+        )
+        .await;
+        backend_alive = false;
+    }
+    let broken = end.broken_leg();
     tokio::join!(
-        finish(device, end.to_device(), device_alive, close_timeout),
-        finish(backend, end.to_backend(), backend_alive, close_timeout),
+        finish(
+            device,
+            end.to_device(),
+            device_alive,
+            broken == Some(Leg::Device),
+            close_timeout
+        ),
+        finish(
+            backend,
+            end.to_backend(),
+            backend_alive,
+            broken == Some(Leg::Backend),
+            close_timeout
+        ),
     );
     (
         end,
@@ -556,16 +586,48 @@ where
     )
 }
 
+/// The device is at fault (see [`SessionEnd::backend_first`]): forwards the frame it sent
+/// before the fault if the backend had not taken it yet, closes the backend, and relays what
+/// the backend still sends to the device (inspected as always) until the backend's close.
+async fn settle_backend<D, B>(
+    backend: &mut WebSocketStream<B>,
+    device: &mut WebSocketStream<D>,
+    down: &mut Pump,
+    unsent: Option<Message>,
+    close: Option<Option<Close>>,
+    inspector: &mut (dyn Inspector + Send),
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(msg) = unsent {
+        if backend.feed(msg).await.is_err() {
+            return;
+        }
+    }
+    // `close` flushes what was fed before it.
+    if backend.close(close.flatten().map(to_wire)).await.is_err() {
+        return;
+    }
+    let _ = std::future::poll_fn(|cx| down.poll(cx, backend, device, &mut *inspector)).await;
+}
+
 /// Completes one side's close handshake: sends `send` (or just flushes a queued echo of the
-/// peer's close), then reads until the peer's close or end of stream, within `timeout`.
+/// peer's close), then reads until the peer's close or end of stream, within `timeout`. A
+/// `broken` side's framing cannot be trusted: after the close frame the gateway shuts its
+/// write half and discards what the peer still sends, unparsed, until the peer closes (a
+/// lingering close: dropping a socket with unread data resets the connection, and the peer
+/// would lose the close frame that says why).
 async fn finish<S>(
     ws: &mut WebSocketStream<S>,
     send: Option<Option<Close>>,
     alive: bool,
+    broken: bool,
     timeout: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if !alive {
         return;
     }
@@ -575,6 +637,15 @@ async fn finish<S>(
             None => ws.flush().await,
         };
         if sent.is_err() {
+            return;
+        }
+        if broken {
+            let raw = ws.get_mut();
+            if raw.shutdown().await.is_err() {
+                return;
+            }
+            let mut discard = [0u8; 8192];
+            while let Ok(1..) = raw.read(&mut discard).await {}
             return;
         }
         while let Some(Ok(_)) = ws.next().await {}
