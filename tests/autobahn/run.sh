@@ -156,5 +156,5 @@ echo "autobahn: running sections 1-10 through the gateway (127.0.0.1:$GW) and di
 (cd "$W" && "${WSTEST[@]}" -m fuzzingclient -s "$INSIDE/fuzzingclient.json") > "$W/wstest.log" 2>&1 || {
   tail -30 "$W/wstest.log"; echo "autobahn: wstest failed"; exit 1; }
 
-python3 "$HERE/check.py" "$W/reports/servers/index.json" "$HERE/expected.json" "$MAX_MESSAGE" \
+python3 "$HERE/check.py" "$W/reports/index.json" "$HERE/expected.json" "$MAX_MESSAGE" \
   ${UPDATE:+--update}
