@@ -37,6 +37,7 @@ fn main() {
             segment_bytes: 64 << 20,
             checkpoint_interval: Duration::from_secs(10),
             retention: None,
+            metrics: None,
         },
         key,
     )

@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod frames;
 pub mod live;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod policy;

@@ -84,6 +84,7 @@ impl Server {
             config.runtime.clone(),
             schemas,
         )?));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let (audit, audit_thread) = match &config.audit {
             None => {
                 if config
@@ -106,6 +107,7 @@ impl Server {
                         segment_bytes: a.segment_bytes,
                         checkpoint_interval: a.checkpoint_interval,
                         retention: a.retention,
+                        metrics: Some(metrics.clone()),
                     },
                     key,
                 )?;
@@ -117,6 +119,7 @@ impl Server {
             audit: audit.map(|log| Arc::new(log) as Arc<dyn crate::audit::AuditStore>),
             rejections: Arc::new(RejectionStats::default()),
             deadletters,
+            metrics,
         };
         let shared = Arc::new(Shared::new(
             config,
@@ -196,6 +199,7 @@ impl Server {
                 },
                 deadletters: self.deadletter_store.clone(),
                 audit: shared.config.audit.clone(),
+                gateway: shared.clone(),
             };
             let token = shutdown.clone();
             self.tracker.spawn(async move {
@@ -345,6 +349,13 @@ fn admit_connection(
 ) -> Option<(tokio::sync::OwnedSemaphorePermit, SourceSlot)> {
     let refused = |limit: &'static str| {
         shared.count_refusal(limit);
+        shared
+            .metrics
+            .closed_at_accept
+            .get_or_create(&crate::metrics::Limit {
+                limit: limit.to_string(),
+            })
+            .inc();
         if let crate::policy::rejections::LogDecision::Log { suppressed_before } =
             shared.refusal_log.check(crate::session::steps::now())
         {
@@ -491,9 +502,13 @@ async fn crl_refresher(shared: Arc<Shared>) {
         }
         let tls = shared.tls.clone();
         match tokio::task::spawn_blocking(move || tls.reload_if_changed()).await {
-            Ok(Ok(true)) => tracing::info!("TLS material changed on disk; reloaded"),
+            Ok(Ok(true)) => {
+                shared.metrics.reload("tls", true);
+                tracing::info!("TLS material changed on disk; reloaded")
+            }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => {
+                shared.metrics.reload("tls", false);
                 tracing::error!(error = %e, "TLS reload failed; the previous certificates and CRLs stay in force")
             }
             Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
@@ -522,6 +537,7 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
         .await
         {
             Ok(r) => {
+                shared.metrics.reload("config", true);
                 tracing::info!(
                     routes = r.routes,
                     device_types = r.device_types,
@@ -530,6 +546,7 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
                 );
             }
             Err(e) => {
+                shared.metrics.reload("config", false);
                 tracing::error!(error = %e, "SIGHUP: reload failed; the previous configuration, TLS material and schemas stay in force")
             }
         }

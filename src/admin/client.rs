@@ -101,6 +101,31 @@ impl AdminClient {
         self.finish(r)
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}/metrics", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        let mut resp = r.map_err(|e| match e {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed => {
+                ClientError::Unreachable(self.base.clone())
+            }
+            other => ClientError::Http(other.to_string()),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        if (200..300).contains(&status) {
+            Ok(text)
+        } else {
+            Err(ClientError::Refused {
+                status,
+                message: text,
+            })
+        }
+    }
+
     pub fn health(&self) -> Result<Health, ClientError> {
         self.get("/v1/health")
     }

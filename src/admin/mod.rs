@@ -48,6 +48,8 @@ pub struct AdminState {
     pub deadletters: Arc<dyn DeadLetterStore>,
     /// `[audit]`: the directory and the public key file, when configured.
     pub audit: Option<crate::config::AuditConfig>,
+    /// The gateway's shared state: what `/metrics` reads.
+    pub gateway: Arc<crate::session::Shared>,
 }
 
 /// Body of `POST /v1/devices`.
@@ -263,6 +265,24 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// `GET /metrics`: Prometheus (OpenMetrics text). Needs the bearer token like the rest of
+/// the API (Prometheus: `authorization: {credentials_file: ...}`).
+async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let text = s
+        .gateway
+        .metrics
+        .render(&s.gateway.metrics_state().registry());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn enroll(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -317,14 +337,14 @@ async fn reload_tls(
     headers: HeaderMap,
 ) -> Result<Json<Health>, ApiError> {
     authorize(&s, &headers)?;
-    crate::control::reload_tls(s.tls.clone())
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload failed, previous TLS material kept: {e}"),
-            )
-        })?;
+    let reloaded = crate::control::reload_tls(s.tls.clone()).await;
+    s.gateway.metrics.reload("tls", reloaded.is_ok());
+    reloaded.map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload failed, previous TLS material kept: {e}"),
+        )
+    })?;
     tracing::info!("admin: TLS material reloaded");
     Ok(Json(Health {
         status: "reloaded".into(),
@@ -337,14 +357,14 @@ async fn reload_schemas(
     headers: HeaderMap,
 ) -> Result<Json<Health>, ApiError> {
     authorize(&s, &headers)?;
-    let n = crate::control::reload_schemas(s.live.clone())
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload failed, previous schemas kept: {e}"),
-            )
-        })?;
+    let reloaded = crate::control::reload_schemas(s.live.clone()).await;
+    s.gateway.metrics.reload("schemas", reloaded.is_ok());
+    let n = reloaded.map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload failed, previous schemas kept: {e}"),
+        )
+    })?;
     tracing::info!(device_types = n, "admin: schemas reloaded");
     Ok(Json(Health {
         status: "reloaded".into(),
@@ -367,14 +387,14 @@ async fn reload_config(
     headers: HeaderMap,
 ) -> Result<Json<ReloadReport>, ApiError> {
     authorize(&s, &headers)?;
-    let r = crate::control::reload_config(&s.started, &s.live, &s.tls, &s.sessions)
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("reload failed, previous configuration kept: {e}"),
-            )
-        })?;
+    let reloaded = crate::control::reload_config(&s.started, &s.live, &s.tls, &s.sessions).await;
+    s.gateway.metrics.reload("config", reloaded.is_ok());
+    let r = reloaded.map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload failed, previous configuration kept: {e}"),
+        )
+    })?;
     tracing::info!(
         routes = r.routes,
         device_types = r.device_types,
@@ -554,6 +574,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/drain", post(drain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/reload", post(reload_config))
         .route("/v1/sessions", get(sessions))
         .route("/v1/tls/reload", post(reload_tls))

@@ -78,6 +78,8 @@ pub struct RevocationIndex {
     revoked: HashSet<(Vec<u8>, Vec<u8>)>,
     /// (issuer DER, next update as Unix time) per CRL.
     next_updates: Vec<(Vec<u8>, Option<i64>)>,
+    /// Each CRL's this-update, Unix time.
+    this_updates: Vec<i64>,
 }
 
 impl RevocationIndex {
@@ -91,6 +93,7 @@ impl RevocationIndex {
         }
         self.next_updates
             .push((issuer, crl.next_update().map(|t| t.timestamp())));
+        self.this_updates.push(crl.last_update().timestamp());
         Ok(())
     }
 
@@ -119,6 +122,21 @@ impl RevocationIndex {
 
     pub fn len(&self) -> usize {
         self.revoked.len()
+    }
+
+    /// CRLs loaded.
+    pub fn crl_count(&self) -> usize {
+        self.this_updates.len()
+    }
+
+    /// The earliest next-update of the loaded CRLs (Unix time), if any has one.
+    pub fn earliest_next_update(&self) -> Option<i64> {
+        self.next_updates.iter().filter_map(|(_, n)| *n).min()
+    }
+
+    /// The oldest this-update of the loaded CRLs (Unix time).
+    pub fn oldest_this_update(&self) -> Option<i64> {
+        self.this_updates.iter().copied().min()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -42,6 +42,8 @@ pub struct WriterConfig {
     /// Whole segments whose newest record is older than this are pruned (after a signed
     /// anchor is written for each device in them). `None`: keep everything.
     pub retention: Option<Duration>,
+    /// Where records written, write latency and failures are counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 type Reply = oneshot::Sender<Result<Record, AuditError>>;
@@ -395,7 +397,20 @@ impl Writer {
             buf.push(b'\n');
             sealed.push(record);
         }
+        let started = std::time::Instant::now();
         let result = self.append(&buf, must_sync);
+        if let Some(m) = &self.cfg.metrics {
+            match &result {
+                Ok(()) => {
+                    m.audit_records.inc_by(sealed.len() as u64);
+                    m.audit_write_us
+                        .observe(started.elapsed().as_secs_f64() * 1_000_000.0);
+                }
+                Err(_) => {
+                    m.audit_write_failures.inc();
+                }
+            }
+        }
         match result {
             Ok(()) => {
                 if !self.healthy.swap(true, Ordering::Relaxed) {
@@ -715,6 +730,7 @@ mod tests {
             segment_bytes: 600,
             checkpoint_interval: Duration::from_secs(3600),
             retention: None,
+            metrics: None,
         }
     }
 

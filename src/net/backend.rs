@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::metrics::Metrics;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -55,6 +56,7 @@ fn forwarded_for(ip: IpAddr) -> String {
 pub struct HealthTable {
     epoch: tokio::time::Instant,
     backends: Mutex<HashMap<String, BackendHealth>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for HealthTable {
@@ -62,11 +64,37 @@ impl Default for HealthTable {
         Self {
             epoch: tokio::time::Instant::now(),
             backends: Mutex::new(HashMap::new()),
+            metrics: None,
         }
     }
 }
 
 impl HealthTable {
+    /// A table that also counts connects, their latency and ejections in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
+    /// One connect attempt for `route`: its time when it succeeded.
+    fn observe(&self, route: &str, took: Option<Duration>) {
+        let Some(m) = &self.metrics else { return };
+        let route = crate::metrics::Route {
+            route: route.to_string(),
+        };
+        match took {
+            Some(t) => m
+                .backend_connect_ms
+                .get_or_create(&route)
+                .observe(t.as_secs_f64() * 1000.0),
+            None => {
+                m.backend_connect_failures.get_or_create(&route).inc();
+            }
+        }
+    }
+
     fn now(&self) -> Duration {
         tokio::time::Instant::now().saturating_duration_since(self.epoch)
     }
@@ -102,12 +130,17 @@ impl HealthTable {
         };
         match change {
             Change::None => {}
-            Change::Ejected { for_, nth } => tracing::warn!(
-                backend = url,
-                ejected_ms = for_.as_millis() as u64,
-                ejections_in_row = nth,
-                "backend ejected from its pool after failed connects"
-            ),
+            Change::Ejected { for_, nth } => {
+                if let Some(m) = &self.metrics {
+                    m.backend_ejections.inc();
+                }
+                tracing::warn!(
+                    backend = url,
+                    ejected_ms = for_.as_millis() as u64,
+                    ejections_in_row = nth,
+                    "backend ejected from its pool after failed connects"
+                )
+            }
             Change::Recovered => {
                 tracing::info!(backend = url, "backend recovered; back in its pool")
             }
@@ -205,6 +238,7 @@ impl Connector {
             if !health.available(&backend.url) {
                 continue;
             }
+            let started = tokio::time::Instant::now();
             match self
                 .connect(
                     backend,
@@ -216,11 +250,13 @@ impl Connector {
                 .await
             {
                 Ok(socket) => {
+                    health.observe(&route.subprotocol, Some(started.elapsed()));
                     health.record(&backend.url, true, rules);
                     return Ok((socket, backend));
                 }
                 Err(e) => {
                     tracing::warn!(backend = %backend, error = %e, "backend connection failed, trying the next");
+                    health.observe(&route.subprotocol, None);
                     health.record(&backend.url, false, rules);
                     errors.push(e);
                 }

@@ -39,8 +39,8 @@ const REQUEST_CHUNK_BYTES: usize = 1024;
 /// What the handshake produced.
 pub enum Outcome {
     Upgraded(Box<Upgraded>),
-    /// An answer other than 101 was sent.
-    Refused,
+    /// An answer other than 101 was sent: the refusal's code.
+    Refused(&'static str),
 }
 
 /// A device connection upgraded to WebSocket, with its backend connected.
@@ -81,6 +81,21 @@ pub enum HandshakeError {
     TimedOut(Duration),
     #[error("the gateway began shutting down before the upgrade request was complete")]
     ShuttingDown,
+}
+
+impl HandshakeError {
+    /// The `outcome` label of `gatehouse_handshakes_total` for a handshake that ended so.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            HandshakeError::Tls(_) => "tls-failed",
+            HandshakeError::NoCertificate | HandshakeError::Certificate(_) => "bad-certificate",
+            HandshakeError::Read(_) | HandshakeError::Eof | HandshakeError::Write(_) => {
+                "incomplete"
+            }
+            HandshakeError::TimedOut(_) => "timeout",
+            HandshakeError::ShuttingDown => "shutting-down",
+        }
+    }
 }
 
 /// The device's part of the handshake: TLS, its certificate, its request.
@@ -151,17 +166,17 @@ pub async fn handshake(
         Err(refusal) => {
             tracing::info!(refusal = refusal.code(), "refused: bad upgrade request");
             refuse(&mut tls, &refusal).await?;
-            return Ok(Outcome::Refused);
+            return Ok(Outcome::Refused(refusal.code()));
         }
     };
     if shared.shutdown.is_cancelled() {
         refuse(&mut tls, &Refusal::ShuttingDown).await?;
-        return Ok(Outcome::Refused);
+        return Ok(Outcome::Refused(Refusal::ShuttingDown.code()));
     }
     if shared.draining.is_cancelled() {
         tracing::info!(refusal = Refusal::Draining.code(), "refused: draining");
         refuse(&mut tls, &Refusal::Draining).await?;
-        return Ok(Outcome::Refused);
+        return Ok(Outcome::Refused(Refusal::Draining.code()));
     }
     // A session slot, held by the session until it ends. Handshakes have their own budget
     // (taken at accept), so connections that never finish one never hold a slot.
@@ -176,7 +191,7 @@ pub async fn handshake(
                 );
             }
             refuse(&mut tls, &Refusal::OverCapacity).await?;
-            return Ok(Outcome::Refused);
+            return Ok(Outcome::Refused(Refusal::OverCapacity.code()));
         }
     };
 
@@ -203,7 +218,7 @@ pub async fn handshake(
                 resumed,
             );
             refuse(&mut tls, &refusal).await?;
-            return Ok(Outcome::Refused);
+            return Ok(Outcome::Refused(refusal.code()));
         }
     };
     let (device, route) = (admitted.device, admitted.route);
@@ -239,9 +254,19 @@ pub async fn handshake(
         {
             Ok(r) => r,
             Err(refusal) => {
+                if matches!(refusal, Refusal::SessionOpen { .. }) {
+                    shared
+                        .metrics
+                        .duplicates
+                        .get_or_create(&crate::metrics::RouteAction {
+                            route: route.subprotocol.clone(),
+                            action: "reject".to_string(),
+                        })
+                        .inc();
+                }
                 log_refusal(shared, conn_id, &refusal, Some(&device.id), &cert, resumed);
                 refuse(&mut tls, &refusal).await?;
-                return Ok(Outcome::Refused);
+                return Ok(Outcome::Refused(refusal.code()));
             }
         };
 
@@ -259,7 +284,7 @@ pub async fn handshake(
         Ok(connected) => connected,
         Err(refusal) => {
             refuse(&mut tls, &refusal).await?;
-            return Ok(Outcome::Refused);
+            return Ok(Outcome::Refused(refusal.code()));
         }
     };
 

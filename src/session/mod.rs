@@ -46,6 +46,8 @@ pub struct Shared {
     pub deadletters: DeadLetterSink,
     pub audit: Option<Arc<dyn AuditStore>>,
     pub rejection_log: Arc<LogLimiter>,
+    /// Prometheus metrics of events (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Every live session, with a handle to end it.
     pub sessions: Arc<table::SessionTable>,
     /// Fires when the gateway starts draining: new handshakes get 503.
@@ -71,6 +73,7 @@ pub struct FrameServices {
     pub rejections: Arc<RejectionStats>,
     pub deadletters: DeadLetterSink,
     pub audit: Option<Arc<dyn AuditStore>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -91,6 +94,10 @@ impl Shared {
             config.max_handshakes.get(),
             config.sources,
         );
+        let metrics = frames.metrics;
+        for route in live.load().config.routes.iter() {
+            metrics.route(&route.subprotocol);
+        }
         Self {
             config,
             live,
@@ -102,9 +109,10 @@ impl Shared {
             deadletters: frames.deadletters,
             audit: frames.audit,
             rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
+            metrics: metrics.clone(),
             sessions: Arc::new(table::SessionTable::default()),
             draining: CancellationToken::new(),
-            backend_health: Arc::new(crate::net::backend::HealthTable::default()),
+            backend_health: Arc::new(crate::net::backend::HealthTable::with_metrics(metrics)),
             session_slots: Arc::new(tokio::sync::Semaphore::new(sessions)),
             handshake_slots: Arc::new(tokio::sync::Semaphore::new(handshakes)),
             sources: std::sync::Mutex::new(crate::admission::sources::SourceBudgets::new(sources)),
@@ -112,6 +120,64 @@ impl Shared {
             epoch: tokio::time::Instant::now(),
             boot_id,
             next_connection: AtomicU64::new(1),
+        }
+    }
+
+    /// What `/metrics` exports as it is now (see [`crate::metrics::State`]).
+    pub fn metrics_state(&self) -> crate::metrics::State {
+        let split = |stats: &RejectionStats| {
+            stats
+                .snapshot()
+                .into_iter()
+                .map(|c| (c.device_type, c.route, c.reason, c.count))
+                .collect()
+        };
+        let mut by_status = std::collections::BTreeMap::<String, u64>::new();
+        for status in ["active", "suspended", "revoked"] {
+            by_status.insert(status.to_string(), 0);
+        }
+        for device in self.registry.list() {
+            *by_status
+                .entry(device.status.as_str().to_string())
+                .or_default() += 1;
+        }
+        let live = self.live.load();
+        let mut backends: Vec<&str> = live
+            .config
+            .routes
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| b.url.as_str()))
+            .collect();
+        backends.sort_unstable();
+        backends.dedup();
+        let ejected = self.backend_health.ejected();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let tls = self.tls.current();
+        let sessions_max = self.config.max_connections.get() as u64;
+        let handshakes_max = self.config.max_handshakes.get() as u64;
+        crate::metrics::State {
+            validation_failures: split(&self.rejections),
+            limit_hits: split(&self.limit_hits),
+            devices: by_status.into_iter().collect(),
+            backends: backends.len() as u64,
+            backends_ejected: backends
+                .iter()
+                .filter(|b| ejected.iter().any(|e| e == *b))
+                .count() as u64,
+            sessions_in_use: sessions_max
+                .saturating_sub(self.session_slots.available_permits() as u64),
+            sessions_max,
+            handshakes_in_progress: handshakes_max
+                .saturating_sub(self.handshake_slots.available_permits() as u64),
+            handshakes_max,
+            deadletters_stored: self.deadletters.stored(),
+            deadletters_dropped: self.deadletters.dropped(),
+            crls: tls.crls.crl_count() as u64,
+            crl_age_seconds: tls.crls.oldest_this_update().map(|t| now - t),
+            crl_next_update_seconds: tls.crls.earliest_next_update().map(|t| t - now),
+            draining: self.draining.is_cancelled(),
+            audit_healthy: self.audit.as_ref().map(|a| a.is_healthy()),
+            audit_lost: self.audit.as_ref().map_or(0, |a| a.lost()),
         }
     }
 
@@ -142,6 +208,7 @@ impl Shared {
             command_timeout: commands.timeout,
             limits: *runtime.device_limits.for_type(device_type),
             limit_hits: self.limit_hits.clone(),
+            metrics: Some(self.metrics.clone()),
         }
     }
 }
@@ -166,12 +233,17 @@ pub async fn handle(
         drop(handshake);
         let upgraded = match result {
             Ok(Outcome::Upgraded(u)) => u,
-            Ok(Outcome::Refused) => return,
+            Ok(Outcome::Refused(code)) => {
+                shared.metrics.handshake(code);
+                return;
+            }
             Err(e) => {
+                shared.metrics.handshake(e.outcome());
                 tracing::info!(error = %e, "connection failed before the upgrade");
                 return;
             }
         };
+        shared.metrics.handshake("ok");
         let Upgraded {
             mut device_ws,
             mut backend,
@@ -186,8 +258,19 @@ pub async fn handle(
             handle,
             slot,
         } = *upgraded;
+        let session_metrics = shared
+            .metrics
+            .session(&route.subprotocol, &device.device_type);
         let taken_over = registration.upgraded(&backend_url);
         if !taken_over.is_empty() {
+            shared
+                .metrics
+                .duplicates
+                .get_or_create(&crate::metrics::RouteAction {
+                    route: route.subprotocol.clone(),
+                    action: "takeover".to_string(),
+                })
+                .inc_by(taken_over.len() as u64);
             tracing::info!(device.id = %device.id, route = %route.subprotocol, taken_over = ?taken_over, "takeover: this session ends the device's older sessions on the route");
         }
         // A registry change or CRL reload between admission and now is not missed: check the
@@ -233,9 +316,12 @@ pub async fn handle(
             close_timeout,
             clock,
             &mut chain,
+            Some(&session_metrics),
         )
         .await;
         chain.finish(&end);
+        session_metrics.ended(end.logged_code(), end.closer().as_str());
+        drop(session_metrics);
         drop((registration, slot));
         tracing::info!(
             device.id = %info.device_id,

@@ -26,6 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::table::SessionHandle;
 use crate::frames::Rejection;
+use crate::metrics::SessionMetrics;
 use crate::policy::limits::DeviceLimits;
 use crate::policy::liveness::{Due, Liveness};
 use crate::policy::Direction;
@@ -418,6 +419,7 @@ pub async fn relay<D, B>(
     close_timeout: Duration,
     mut clock: Liveness,
     inspector: &mut (dyn Inspector + Send),
+    metrics: Option<&SessionMetrics>,
 ) -> (SessionEnd, RelayStats)
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -506,14 +508,7 @@ where
                 up.destination_blocked() || down.source_blocked(),
                 now,
             );
-            counters.frames_up.store(up.stats.frames, Ordering::Relaxed);
-            counters.bytes_up.store(up.stats.bytes, Ordering::Relaxed);
-            counters
-                .frames_down
-                .store(down.stats.frames, Ordering::Relaxed);
-            counters
-                .bytes_down
-                .store(down.stats.bytes, Ordering::Relaxed);
+            report(counters, &up.stats, &down.stats, metrics);
             if std::mem::take(&mut check) || newly_blocked {
                 match clock.due(now) {
                     Some(Due::End(why)) => return Poll::Ready(SessionEnd::Ended(why)),
@@ -560,6 +555,7 @@ where
         .await;
         backend_alive = false;
     }
+    report(handle.counters(), &up.stats, &down.stats, metrics);
     let broken = end.broken_leg();
     tokio::join!(
         finish(
@@ -584,6 +580,39 @@ where
             down: down.stats,
         },
     )
+}
+
+/// Brings the session's live counters up to the pumps' totals and adds what they grew by
+/// to the route's metrics: once per wake, however many frames it moved.
+fn report(
+    counters: &super::table::Counters,
+    up: &DirectionStats,
+    down: &DirectionStats,
+    metrics: Option<&SessionMetrics>,
+) {
+    for (live, total, metric) in [
+        (
+            &counters.frames_up,
+            up.frames,
+            metrics.map(|m| &m.frames_up),
+        ),
+        (&counters.bytes_up, up.bytes, metrics.map(|m| &m.bytes_up)),
+        (
+            &counters.frames_down,
+            down.frames,
+            metrics.map(|m| &m.frames_down),
+        ),
+        (
+            &counters.bytes_down,
+            down.bytes,
+            metrics.map(|m| &m.bytes_down),
+        ),
+    ] {
+        let before = live.swap(total, Ordering::Relaxed);
+        if let Some(metric) = metric.filter(|_| total > before) {
+            metric.inc_by(total - before);
+        }
+    }
 }
 
 /// The device is at fault (see [`SessionEnd::backend_first`]): forwards the frame it sent

@@ -254,6 +254,7 @@ pub struct Commands {
     /// The id of the command whose audit record is being written (held by the relay).
     held: Option<Value>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Commands {
@@ -263,18 +264,26 @@ impl Commands {
             open,
             held: None,
             timer: None,
+            metrics: None,
         }
     }
 
     /// Records every command still open (the session is ending, or is dropped).
     fn unanswered(&mut self) {
         for id in self.open.drain() {
+            self.count("unanswered");
             self.record(|a| {
                 let mut e = a.event(RecordKind::Unanswered);
                 e.command_id = Some(id);
                 e.detail = Some("the session ended before the device answered".into());
                 e
             });
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.command(outcome);
         }
     }
 
@@ -331,6 +340,10 @@ impl Commands {
     fn response(&mut self, frame: &Inspected<'_>, value: &Value, now: Instant) {
         let id = frames::frame_id(value);
         let rtt = id.as_ref().and_then(|id| self.open.answer(id, now));
+        if let (Some(rtt), Some(m)) = (rtt, &self.metrics) {
+            m.command("answered");
+            m.command_round_trip_ms.observe(rtt.as_secs_f64() * 1000.0);
+        }
         self.record(|a| {
             let mut e = match (&id, rtt) {
                 (Some(_), Some(rtt)) => {
@@ -419,6 +432,7 @@ impl FrameStep for Commands {
                 return;
             }
             for id in self.open.expire(now()) {
+                self.count("timed_out");
                 self.record(|a| {
                     let mut e = a.event(RecordKind::TimedOut);
                     e.command_id = Some(id);
@@ -689,6 +703,8 @@ pub struct StepConfig {
     pub dead_letter_payload_bytes: usize,
     pub audit: Option<AuditSettings>,
     pub command_timeout: std::time::Duration,
+    /// Where command outcomes and round trips are counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Builds the chain for one session: counting, dead letters and the invalid-frame window on
@@ -718,10 +734,12 @@ pub fn chain(info: Arc<SessionInfo>, validate: Validate, cfg: StepConfig) -> Cha
     // (and on a forced drop) the unanswered commands come before `disconnected`.
     let connection = audit.clone().map(ConnectionAudit::start);
     if route.kind == RouteKind::Control {
-        steps.push(Box::new(Commands::new(
+        let mut commands = Commands::new(
             audit,
             OpenCommands::new(cfg.command_timeout, cfg.limits.commands_in_flight),
-        )));
+        );
+        commands.metrics = cfg.metrics;
+        steps.push(Box::new(commands));
     }
     if let Some(connection) = connection {
         steps.push(Box::new(connection));

@@ -117,7 +117,8 @@ async fn frames_and_close_codes_pass_through_both_ways() {
             &stop,
             CLOSE_TIMEOUT,
             quiet(),
-            &mut fwd
+            &mut fwd,
+            None
         ),
         peers
     );
@@ -173,7 +174,8 @@ async fn each_leg_answers_its_own_pings_once() {
             &stop,
             CLOSE_TIMEOUT,
             quiet(),
-            &mut fwd
+            &mut fwd,
+            None
         ),
         peers
     );
@@ -201,7 +203,8 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
             &stop,
             CLOSE_TIMEOUT,
             quiet(),
-            &mut fwd
+            &mut fwd,
+            None
         ),
         peers
     );
@@ -225,7 +228,8 @@ async fn a_vanished_backend_closes_the_device_with_1011_and_shutdown_closes_both
             &stop,
             CLOSE_TIMEOUT,
             quiet(),
-            &mut fwd
+            &mut fwd,
+            None
         ),
         peers
     );
@@ -246,7 +250,16 @@ where
 {
     let start = tokio::time::Instant::now();
     let relay = async {
-        let (end, _) = relay(gw_dev, gw_be, handle, CLOSE_TIMEOUT, clock, &mut ForwardAll).await;
+        let (end, _) = relay(
+            gw_dev,
+            gw_be,
+            handle,
+            CLOSE_TIMEOUT,
+            clock,
+            &mut ForwardAll,
+            None,
+        )
+        .await;
         (end, start.elapsed())
     };
     let (out, ()) = tokio::join!(relay, peers);
@@ -585,6 +598,7 @@ fn step_config(
             command_timeout,
             limits: unlimited(),
             limit_hits: Arc::new(RejectionStats::default()),
+            metrics: None,
         },
         rx,
     )
@@ -764,7 +778,8 @@ async fn reloaded_limits_apply_to_an_open_session() {
             &handle,
             CLOSE_TIMEOUT,
             quiet(),
-            &mut chain
+            &mut chain,
+            None
         ),
         peers
     );
@@ -869,7 +884,7 @@ async fn relay_with(
     let shutdown = CancellationToken::new();
     let stop = SessionHandle::child_of(&shutdown);
     let (out, ()) = tokio::join!(
-        relay(gw_dev, gw_be, &stop, CLOSE_TIMEOUT, quiet(), chain),
+        relay(gw_dev, gw_be, &stop, CLOSE_TIMEOUT, quiet(), chain, None),
         peers
     );
     out
@@ -948,6 +963,7 @@ async fn commands_time_out_on_the_session_clock_and_the_log_says_so() {
             segment_bytes: 1 << 20,
             checkpoint_interval: Duration::from_secs(3600),
             retention: None,
+            metrics: None,
         },
         key,
     )

@@ -195,6 +195,7 @@ pub fn letter(
 pub struct DeadLetterSink {
     tx: mpsc::Sender<DeadLetter>,
     dropped: Arc<AtomicU64>,
+    stored: Arc<AtomicU64>,
 }
 
 impl DeadLetterSink {
@@ -205,6 +206,7 @@ impl DeadLetterSink {
             Self {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
+                stored: Arc::new(AtomicU64::new(0)),
             },
             rx,
         )
@@ -216,8 +218,14 @@ impl DeadLetterSink {
         }
     }
 
+    /// Letters not kept: the queue was full, or the store failed.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Letters the writer stored.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
     }
 }
 
@@ -228,6 +236,7 @@ pub fn writer(
     shutdown: CancellationToken,
 ) -> (DeadLetterSink, impl std::future::Future<Output = ()>) {
     let (sink, mut rx) = DeadLetterSink::channel(QUEUE_CAPACITY);
+    let (stored_count, dropped_count) = (sink.stored.clone(), sink.dropped.clone());
     let task = async move {
         loop {
             let first = tokio::select! {
@@ -244,16 +253,27 @@ pub fn writer(
                 }
             }
             let store = store.clone();
+            let n = batch.len() as u64;
             let stored = tokio::task::spawn_blocking(move || {
+                let mut kept = 0u64;
                 for letter in batch {
-                    store.record(letter)?;
+                    if let Err(e) = store.record(letter) {
+                        return (kept, Some(e));
+                    }
+                    kept += 1;
                 }
-                Ok::<_, RegistryError>(())
+                (kept, None)
             })
             .await;
+            let kept = match &stored {
+                Ok((kept, _)) => *kept,
+                Err(_) => 0,
+            };
+            stored_count.fetch_add(kept, Ordering::Relaxed);
+            dropped_count.fetch_add(n - kept, Ordering::Relaxed);
             match stored {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "dead-letter store write failed"),
+                Ok((_, None)) => {}
+                Ok((_, Some(e))) => tracing::error!(error = %e, "dead-letter store write failed"),
                 Err(e) => tracing::error!(error = %e, "dead-letter writer task failed"),
             }
         }
