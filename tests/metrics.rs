@@ -319,3 +319,55 @@ fn check_named_metrics(text: &str) {
         "not in docs/metrics.md: {undocumented:?}"
     );
 }
+
+#[tokio::test]
+async fn top_once_shows_the_live_sessions_and_the_busiest_device() {
+    let mut ingest = Backend::start().await;
+    let gw = Gateway::start(Options::new(vec![telemetry_route(vec![ingest.url("/")])])).await;
+    let busy = gw.enroll("busy-1", "env-sensor");
+    let quiet = gw.enroll("quiet-1", "env-sensor");
+    let (mut dev_busy, _) = gw.connect(Some(&busy), &["telemetry.v1"]).await.unwrap();
+    let mut be_busy = ingest.next().await;
+    let (_dev_quiet, _) = gw.connect(Some(&quiet), &["telemetry.v1"]).await.unwrap();
+    let _be_quiet = ingest.next().await;
+    // The busy device sends all the while `top` samples.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sending = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while !stop.is_cancelled() {
+                dev_busy.send(Message::text(reading(seq))).await.unwrap();
+                let _ = next_msg(&mut be_busy.ws).await;
+                seq += 1;
+            }
+            seq
+        })
+    };
+    let (ok, out, err) = gatehouse_cli(
+        &gw,
+        &[
+            "--config",
+            "{config}",
+            "top",
+            "--once",
+            "--interval-ms",
+            "500",
+        ],
+    )
+    .await;
+    stop.cancel();
+    let sent = within(sending).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("SESSIONS  2 open"), "{out}");
+    assert!(out.contains("telemetry.v1 env-sensor"), "{out}");
+    assert!(out.contains("telemetry.v1 up"), "{out}");
+    let busiest = out.split("BUSIEST DEVICES").nth(1).unwrap();
+    assert!(busiest.contains("busy-1"), "{out}");
+    assert!(
+        !busiest.contains("quiet-1"),
+        "a silent device is not busy: {out}"
+    );
+    assert!(sent > 0);
+    gw.stop().await;
+}

@@ -11,6 +11,7 @@ use gatehouse::config::Config;
 pub mod audit;
 pub mod devices;
 pub mod serve;
+pub mod top;
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +74,16 @@ pub enum Command {
         /// JSON lines.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view of the running gateway: sessions, handshakes and refusals, frames and
+    /// bytes, validation failures, limit hits, backends, the busiest devices.
+    Top {
+        /// Print one view (two samples an interval apart) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
     },
     /// Manage the device registry (through the admin API while the gateway runs).
     Devices {
@@ -140,6 +151,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         ),
         Command::Devices { command } => devices::devices(&load(config)?, command),
+        Command::Top { once, interval_ms } => top::top(
+            &load(config)?,
+            once,
+            std::time::Duration::from_millis(interval_ms.max(100)),
+        ),
         Command::Deadletters { id, json } => devices::deadletters(&load(config)?, &id, json),
         Command::Audit { command } => audit::audit(config, command),
     }
