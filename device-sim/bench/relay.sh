@@ -7,9 +7,10 @@
 #
 # Starts the release gateway, the sample ingest backend and a simulated fleet as separate
 # processes on loopback. CPU is the gateway's utime+stime (/proc) over a window in which every
-# device is connected and sending; frames in that window are N*RATE*window (the fleet paces
-# itself; the ingest total printed at the end confirms it). Memory is the gateway's RSS with
-# all devices connected minus its RSS before any connected, divided by N.
+# device is connected and sending; frames in that window are CONNECTED*RATE*window (the fleet paces
+# itself; the ingest total printed at the end confirms it; only devices that connected
+# count, and a warning says when some did not). Memory is the gateway's RSS with
+# all devices connected minus its RSS before any connected, divided by the devices connected.
 set -euo pipefail
 TARGET=${TARGET:-gatehouse}
 N=${N:-1000}
@@ -29,7 +30,7 @@ $B/gatehouse-pki fleet --dir "$W/pki" --type env-sensor --count "$N" --prefix s
 $B/gatehouse-sim config --listen 127.0.0.1:$GW_PORT --max-connections 9500 \
   --schemas "$PWD/schemas" --backend "ws://127.0.0.1:$INGEST_PORT/ingest" \
   --limit "frames_per_second = 1000" --limit "frames_burst = 2000" \
-  --server "source_handshakes_per_second = 0" > "$W/gatehouse.toml"
+  --server "source_handshakes_per_second = 0" --server "max_handshakes = 4000" > "$W/gatehouse.toml"
 $B/gatehouse devices --config "$W/gatehouse.toml" enroll --manifest "$W/pki/fleet-s.json"
 
 $B/gatehouse-sim ingest --listen 127.0.0.1:$INGEST_PORT > "$W/ingest.log" &
@@ -88,15 +89,19 @@ sleep "$WINDOW"
 C2=$(cpu); T2=$(date +%s.%N)
 wait $FLEET
 cat "$W/fleet.log"
+CONNECTED=$(awk '$1 == "connected" {print $2}' "$W/fleet.log")
 python3 - <<PY
-n, rate = $N, $RATE
+n, rate, connected = $N, $RATE, ${CONNECTED:-0}
 window = $T2 - $T1
-frames = n * rate * window
+if connected < n:
+    print(f"WARNING: only {connected} of {n} devices connected; figures below count those")
+frames = connected * rate * window
 cpu_s = ($C2 - $C1) / $TCK
 print("target $TARGET")
 print(f"window {window:.1f} s, ~{frames:.0f} frames forwarded")
 print(f"proxy CPU {cpu_s:.2f} s -> {cpu_s / frames * 1e6:.2f} us per frame ({cpu_s / window * 100:.0f}% of one core)")
-print(f"proxy RSS {$RSS0/1024:.1f} MiB idle, {$RSS1/1024:.1f} MiB with {n} devices -> {($RSS1-$RSS0)/n:.1f} KiB per device")
+per = max(connected, 1)
+print(f"proxy RSS {$RSS0/1024:.1f} MiB idle, {$RSS1/1024:.1f} MiB with {connected} devices -> {($RSS1-$RSS0)/per:.1f} KiB per device")
 PY
 if [ "$TARGET" = nginx ]; then nginx -c "$W/nginx.conf" -s stop; else kill -INT $PIDS; wait $PIDS || true; fi
 kill -INT %1 2>/dev/null || true
