@@ -235,7 +235,10 @@ impl Server {
 
         let workers = SessionWorkers::start(shared.config.workers).map_err(ServerError::Workers)?;
         tracing::info!(
-            listen = ?listener.local_addr().ok(),
+            listen = %listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             devices = shared.registry.len(),
             routes = shared.live.load().config.routes.iter().count(),
             "gateway listening"

@@ -9,6 +9,7 @@ pub mod health;
 pub mod identity;
 pub mod routing;
 pub mod sources;
+pub mod trace;
 pub mod upgrade;
 
 pub use decide::{admit, Admission, Admitted};

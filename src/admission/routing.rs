@@ -97,6 +97,9 @@ pub struct RouteOptions {
     /// `false`: an opaque route. Frames pass unchanged and undecoded (still under the size
     /// and rate limits), and no schema is needed. Telemetry routes only.
     pub validate: bool,
+    /// `true`: a session continues the device's W3C trace (its `traceparent`) instead of
+    /// starting a new one.
+    pub continue_trace: bool,
 }
 
 /// A header name as backends compare it: lower case, `_` read as `-` (many stacks fold it).
@@ -124,6 +127,7 @@ pub struct Route {
     pub duplicates: DuplicatePolicy,
     pub forward_headers: Vec<String>,
     pub validate: bool,
+    pub continue_trace: bool,
     next_backend: AtomicUsize,
 }
 
@@ -189,6 +193,7 @@ impl Route {
                 .map(|h| fold_header_name(h))
                 .collect(),
             validate: options.validate,
+            continue_trace: options.continue_trace,
             next_backend: AtomicUsize::new(0),
         })
     }
@@ -303,6 +308,7 @@ pub(crate) mod tests {
             duplicates: DuplicatePolicy::Allow(usize::MAX),
             forward_headers: Vec::new(),
             validate: true,
+            continue_trace: false,
         }
     }
 

@@ -57,12 +57,17 @@ const FORWARDING_HEADERS: &[&str] = &[
     "true-client-ip",
 ];
 
+/// Trace context (W3C): the gateway sends its own, continuing the device's only where the
+/// route says so (`admission::trace`).
+const TRACE_HEADERS: &[&str] = &["traceparent", "tracestate"];
+
 /// Whether a header (name folded by `routing::fold_header_name`) is the gateway's own and
 /// never passed on from the device, whatever a route allows.
 pub fn never_forwarded(folded: &str) -> bool {
     folded.starts_with(IDENTITY_HEADER_PREFIX)
         || HOP_HEADERS.contains(&folded)
         || FORWARDING_HEADERS.contains(&folded)
+        || TRACE_HEADERS.contains(&folded)
 }
 
 /// A validated upgrade request.
@@ -76,6 +81,9 @@ pub struct UpgradeRequest {
     pub forward_headers: Vec<(String, Vec<u8>)>,
     /// How many `x-gatehouse-*` headers the device sent (dropped).
     pub dropped_identity_headers: usize,
+    /// The device's `traceparent` and `tracestate`, as sent (the last of each).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -103,6 +111,8 @@ struct Headers<'b> {
     protocols: Vec<String>,
     forward_headers: Vec<(String, Vec<u8>)>,
     dropped_identity_headers: usize,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
     /// A Content-Length other than 0, or a Transfer-Encoding: the request has a body.
     body: bool,
 }
@@ -127,6 +137,12 @@ impl<'b> Headers<'b> {
                 }
                 "sec-websocket-protocol" => out.add_protocols(h.value)?,
                 "transfer-encoding" => out.body = true,
+                "traceparent" => {
+                    out.traceparent = std::str::from_utf8(h.value).ok().map(str::to_string)
+                }
+                "tracestate" => {
+                    out.tracestate = std::str::from_utf8(h.value).ok().map(str::to_string)
+                }
                 "content-length" => out.body |= h.value.trim_ascii() != b"0",
                 _ => {}
             }
@@ -223,6 +239,8 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Parsed, Refusal> {
             protocols: headers.protocols,
             forward_headers: headers.forward_headers,
             dropped_identity_headers: headers.dropped_identity_headers,
+            traceparent: headers.traceparent,
+            tracestate: headers.tracestate,
         },
         consumed,
     ))

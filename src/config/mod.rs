@@ -267,6 +267,8 @@ pub struct FileRoute {
     pub forward_headers: Option<Vec<String>>,
     /// `false`: an opaque route (telemetry only): frames pass undecoded.
     pub validate: Option<bool>,
+    /// `true`: continue the device's W3C trace (`traceparent`).
+    pub continue_trace: Option<bool>,
     pub session: Option<FileSession>,
 }
 
@@ -991,6 +993,7 @@ impl TryFrom<(Vec<FileRoute>, FileSession)> for RouteTable {
                 duplicates: duplicate_policy(&r)?,
                 forward_headers,
                 validate: r.validate.unwrap_or(true),
+                continue_trace: r.continue_trace.unwrap_or(false),
             };
             let route = Route::parse(
                 &r.subprotocol,

@@ -41,6 +41,9 @@ pub struct DeviceIdentity<'a> {
     pub connection_id: &'a str,
     /// The device's address as the gateway saw it.
     pub peer: IpAddr,
+    /// The session's `traceparent`, and the device's `tracestate` when its trace continues.
+    pub traceparent: &'a str,
+    pub tracestate: Option<&'a str>,
 }
 
 /// `Forwarded` (RFC 7239) for a client address: IPv6 quoted in brackets.
@@ -323,6 +326,12 @@ impl Connector {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(HeaderName::from_static(name), value);
             }
+        }
+        if let Ok(value) = HeaderValue::from_str(identity.traceparent) {
+            headers.insert(HeaderName::from_static("traceparent"), value);
+        }
+        if let Some(Ok(value)) = identity.tracestate.map(HeaderValue::from_str) {
+            headers.insert(HeaderName::from_static("tracestate"), value);
         }
         // The gateway's own view of where the device is; the device's claims never pass.
         let forwarding = [

@@ -325,12 +325,28 @@ async fn connect_backend(
     request: &UpgradeRequest,
 ) -> Result<(BackendSocket, String), Refusal> {
     let fingerprint = cert.fingerprint.to_string();
+    let trace = crate::admission::trace::TraceContext::for_session(
+        request.traceparent.as_deref(),
+        route.continue_trace,
+        (fastrand::u128(..), fastrand::u64(..)),
+    );
+    tracing::Span::current().record("trace.id", trace.trace_id_hex());
+    let traceparent = trace.header();
+    // The device's vendor state travels with its trace, and only then.
+    let continued = route.continue_trace
+        && request
+            .traceparent
+            .as_deref()
+            .and_then(crate::admission::trace::TraceContext::parse)
+            .is_some_and(|p| p.trace_id == trace.trace_id);
     let identity = DeviceIdentity {
         device_id: &device.id,
         device_type: &device.device_type,
         cert_sha256: &fingerprint,
         connection_id: conn_id,
         peer: peer.ip(),
+        traceparent: &traceparent,
+        tracestate: request.tracestate.as_deref().filter(|_| continued),
     };
     // Only what the route allows; the upgrade parser already left out what never passes.
     let headers: Vec<(String, Vec<u8>)> = request

@@ -222,7 +222,12 @@ pub async fn handle(
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
     let conn_id = shared.connection_id();
-    let span = tracing::info_span!("conn", conn.id = %conn_id, peer = %peer);
+    let span = tracing::info_span!(
+        "conn",
+        conn.id = %conn_id,
+        peer = %peer,
+        trace.id = tracing::field::Empty
+    );
     async move {
         let started = tokio::time::Instant::now();
         let _ = tcp.set_nodelay(true);
