@@ -21,6 +21,7 @@ pub enum ClientError {
 }
 
 /// Blocking client for the CLI.
+#[derive(Clone)]
 pub struct AdminClient {
     base: String,
     token: AdminToken,
@@ -130,8 +131,48 @@ impl AdminClient {
         self.get("/v1/health")
     }
 
-    pub fn list(&self) -> Result<Vec<Device>, ClientError> {
-        self.get("/v1/devices")
+    /// One page of the devices `query` selects.
+    pub fn list_page(
+        &self,
+        query: &crate::model::DeviceQuery,
+    ) -> Result<crate::model::DevicePage, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(t) = &query.device_type {
+            params.push(("type", t.clone()));
+        }
+        if let Some(s) = query.status {
+            params.push(("status", s.as_str().to_string()));
+        }
+        if let Some(l) = &query.label {
+            params.push(("label", l.clone()));
+        }
+        if let Some(a) = &query.after {
+            params.push(("after", a.clone()));
+        }
+        if let Some(n) = query.limit {
+            params.push(("limit", n.to_string()));
+        }
+        let r = self
+            .agent
+            .get(format!("{}/v1/devices", self.base))
+            .query_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
+            .header("Authorization", self.auth())
+            .call();
+        self.finish(r)
+    }
+
+    /// Every device `query` selects, page after page.
+    pub fn list(&self, query: &crate::model::DeviceQuery) -> Result<Vec<Device>, ClientError> {
+        let mut query = query.clone();
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_page(&query)?;
+            all.extend(page.devices);
+            match page.next_after {
+                Some(next) => query.after = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// The device's record and its live sessions.

@@ -59,9 +59,64 @@ pub struct EnrollRequest {
     pub devices: Vec<Enrollment>,
 }
 
+/// Every error the admin API answers, whatever produced it (a handler, a malformed body, an
+/// unknown path, a wrong method): `{"code": "not-found", "error": "unknown device x"}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// Stable, from the status: `bad-request`, `unauthorized`, `forbidden`, `not-found`,
+    /// `method-not-allowed`, `conflict`, `payload-too-large`, `unsupported-media-type`,
+    /// `unprocessable`, `internal`, `unavailable`.
+    pub code: String,
+    /// What went wrong, for a person.
     pub error: String,
+}
+
+/// The stable `code` of an error status.
+pub fn error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad-request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not-found",
+        405 => "method-not-allowed",
+        409 => "conflict",
+        413 => "payload-too-large",
+        415 => "unsupported-media-type",
+        422 => "unprocessable",
+        503 => "unavailable",
+        _ => "internal",
+    }
+}
+
+/// Gives every error response the one JSON shape: handlers already answer [`ErrorBody`];
+/// axum's own refusals (a body that is not JSON, an unknown path, a wrong method) come as
+/// plain text and are rewritten here.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    (
+        status,
+        Json(ErrorBody {
+            code: error_code(status).to_string(),
+            error,
+        }),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,7 +129,14 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        (
+            self.0,
+            Json(ErrorBody {
+                code: error_code(self.0).to_string(),
+                error: self.1,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -129,14 +191,18 @@ async fn health(State(s): State<AdminState>, headers: HeaderMap) -> Result<Json<
     }))
 }
 
+/// `GET /v1/devices?type=&status=&label=key=value&after=&limit=`: one page, by id.
 async fn list(
     State(s): State<AdminState>,
     headers: HeaderMap,
-) -> Result<Json<Vec<Device>>, ApiError> {
+    axum::extract::Query(query): axum::extract::Query<crate::model::DeviceQuery>,
+) -> Result<Json<crate::model::DevicePage>, ApiError> {
     authorize(&s, &headers)?;
-    Ok(Json(
-        s.registry.list().iter().map(|d| (**d).clone()).collect(),
-    ))
+    let all = s.registry.list();
+    query
+        .page(all.iter().map(|d| &**d))
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
 /// A device with its live sessions (`GET /v1/devices/{id}`).
@@ -145,6 +211,9 @@ pub struct DeviceView {
     #[serde(flatten)]
     pub device: Device,
     pub sessions: Vec<LiveSession>,
+    /// Its last refusals (at most 10), oldest first: why it cannot connect.
+    #[serde(default)]
+    pub recent_refusals: Vec<crate::policy::rejections::RecentRefusal>,
 }
 
 async fn show(
@@ -160,6 +229,7 @@ async fn show(
     Ok(Json(DeviceView {
         device: (*device).clone(),
         sessions: s.sessions.list(&Filter::device(&id)),
+        recent_refusals: s.gateway.recent_refusals.of(&id),
     }))
 }
 
@@ -584,6 +654,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/audit/{id}", get(audit_show))
         .route("/v1/audit/{id}/export", get(audit_export))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "no such endpoint (docs/admin-api.md)",
+            )
+        })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 

@@ -31,6 +31,15 @@ pub enum DevicesCommand {
     },
     /// List devices.
     List {
+        /// Only devices of this type.
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        /// Only devices with this status (active, suspended, revoked).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only devices with this label, KEY=VALUE.
+        #[arg(long)]
+        label: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -265,10 +274,46 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
             };
             println!("enrolled {} device(s)", enrolled.len());
         }
-        DevicesCommand::List { json } => {
+        DevicesCommand::List {
+            device_type,
+            status,
+            label,
+            json,
+        } => {
+            let status = match status.as_deref() {
+                None => None,
+                Some("active") => Some(gatehouse::model::DeviceStatus::Active),
+                Some("suspended") => Some(gatehouse::model::DeviceStatus::Suspended),
+                Some("revoked") => Some(gatehouse::model::DeviceStatus::Revoked),
+                Some(other) => {
+                    bail!("--status {other:?}: use active, suspended or revoked")
+                }
+            };
+            let query = gatehouse::model::DeviceQuery {
+                device_type,
+                status,
+                label,
+                after: None,
+                limit: None,
+            };
             let all: Vec<Device> = match &access {
-                Access::Admin(c) => c.list()?,
-                Access::Direct(s) => s.devices.list().iter().map(|d| (**d).clone()).collect(),
+                Access::Admin(c) => c.list(&query)?,
+                Access::Direct(s) => {
+                    let every = s.devices.list();
+                    let mut q = query.clone();
+                    q.limit = Some(gatehouse::model::DeviceQuery::MAX_LIMIT);
+                    let mut all = Vec::new();
+                    loop {
+                        let page = q
+                            .page(every.iter().map(|d| &**d))
+                            .map_err(anyhow::Error::msg)?;
+                        all.extend(page.devices);
+                        match page.next_after {
+                            Some(next) => q.after = Some(next),
+                            None => break all,
+                        }
+                    }
+                }
             };
             if json {
                 for d in &all {
@@ -310,6 +355,12 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
                             rfc3339(s.started),
                             s.frames_up,
                             s.frames_down
+                        );
+                    }
+                    for r in &view.recent_refusals {
+                        println!(
+                            "refused      {} HTTP {} {} from {} ({})",
+                            r.at, r.status, r.code, r.peer, r.connection
                         );
                     }
                 }

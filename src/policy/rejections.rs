@@ -54,6 +54,73 @@ impl RejectionStats {
     }
 }
 
+/// A refusal of a known device, kept for `GET /v1/devices/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecentRefusal {
+    /// RFC 3339.
+    pub at: String,
+    pub status: u16,
+    pub code: String,
+    pub connection: String,
+    pub peer: String,
+}
+
+/// Per device: its refusals (oldest first) and when it was last refused (a counter).
+type RefusalsByDevice = BTreeMap<String, (std::collections::VecDeque<RecentRefusal>, u64)>;
+
+/// The last refusals of each device: at most `per_device` each, for at most `devices`
+/// devices (the one refused longest ago is forgotten first), so memory stays bounded
+/// whatever is refused.
+#[derive(Debug)]
+pub struct RecentRefusals {
+    per_device: usize,
+    devices: usize,
+    /// The refusals, and the counter that orders them for eviction.
+    state: Mutex<(RefusalsByDevice, u64)>,
+}
+
+impl RecentRefusals {
+    pub fn new(per_device: usize, devices: usize) -> Self {
+        Self {
+            per_device: per_device.max(1),
+            devices: devices.max(1),
+            state: Mutex::new((BTreeMap::new(), 0)),
+        }
+    }
+
+    pub fn record(&self, device: &str, refusal: RecentRefusal) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, clock) = &mut *guard;
+        *clock += 1;
+        let now = *clock;
+        if !map.contains_key(device) && map.len() >= self.devices {
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        let (list, at) = map.entry(device.to_string()).or_default();
+        *at = now;
+        if list.len() >= self.per_device {
+            list.pop_front();
+        }
+        list.push_back(refusal);
+    }
+
+    /// A device's recent refusals, oldest first.
+    pub fn of(&self, device: &str) -> Vec<RecentRefusal> {
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
+            .get(device)
+            .map(|(l, _)| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Allows `per_second` events per one-second window; reports how many were suppressed in
 /// the previous window when a new one opens.
 #[derive(Debug)]
@@ -105,6 +172,32 @@ impl LogLimiter {
 
 #[cfg(test)]
 mod tests {
+    fn refusal(code: &str) -> RecentRefusal {
+        RecentRefusal {
+            at: String::new(),
+            status: 403,
+            code: code.into(),
+            connection: String::new(),
+            peer: String::new(),
+        }
+    }
+
+    #[test]
+    fn recent_refusals_stay_bounded_per_device_and_in_devices() {
+        let r = RecentRefusals::new(2, 2);
+        for code in ["a", "b", "c"] {
+            r.record("d1", refusal(code));
+        }
+        let codes: Vec<_> = r.of("d1").into_iter().map(|x| x.code).collect();
+        assert_eq!(codes, ["b", "c"]);
+        r.record("d2", refusal("x"));
+        // A third device pushes out the one refused longest ago (d1).
+        r.record("d3", refusal("y"));
+        assert!(r.of("d1").is_empty());
+        assert_eq!(r.of("d2").len(), 1);
+        assert_eq!(r.of("d3").len(), 1);
+    }
+
     use super::*;
 
     #[test]

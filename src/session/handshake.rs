@@ -211,7 +211,7 @@ pub async fn handshake(
         Err((refusal, device_id)) => {
             log_refusal(
                 shared,
-                conn_id,
+                (conn_id, peer),
                 &refusal,
                 device_id.as_deref(),
                 &cert,
@@ -264,7 +264,14 @@ pub async fn handshake(
                         })
                         .inc();
                 }
-                log_refusal(shared, conn_id, &refusal, Some(&device.id), &cert, resumed);
+                log_refusal(
+                    shared,
+                    (conn_id, peer),
+                    &refusal,
+                    Some(&device.id),
+                    &cert,
+                    resumed,
+                );
                 refuse(&mut tls, &refusal).await?;
                 return Ok(Outcome::Refused(refusal.code()));
             }
@@ -408,7 +415,7 @@ async fn accept_upgrade(
 /// Logs an admission refusal and records it in the enrolled device's audit log.
 fn log_refusal(
     shared: &Shared,
-    conn_id: &str,
+    (conn_id, peer): (&str, SocketAddr),
     refusal: &Refusal,
     device_id: Option<&str>,
     cert: &PeerCertificate,
@@ -422,6 +429,20 @@ fn log_refusal(
             tls.resumed = resumed,
             suppressed_before,
             "refused before the upgrade"
+        );
+    }
+    if let Some(id) = device_id {
+        shared.recent_refusals.record(
+            id,
+            crate::policy::rejections::RecentRefusal {
+                at: time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                status: refusal.status(),
+                code: refusal.code().to_string(),
+                connection: conn_id.to_string(),
+                peer: peer.to_string(),
+            },
         );
     }
     if let (Some(audit), Some(id)) = (&shared.audit, device_id) {

@@ -46,6 +46,8 @@ pub struct Shared {
     pub deadletters: DeadLetterSink,
     pub audit: Option<Arc<dyn AuditStore>>,
     pub rejection_log: Arc<LogLimiter>,
+    /// The last refusals of each known device (`GET /v1/devices/{id}`).
+    pub recent_refusals: crate::policy::rejections::RecentRefusals,
     /// Prometheus metrics of events (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Every live session, with a handle to end it.
@@ -67,6 +69,11 @@ pub struct Shared {
     boot_id: u64,
     next_connection: AtomicU64,
 }
+
+/// Refusals kept per device for `GET /v1/devices/{id}`: 10.
+const RECENT_REFUSALS_PER_DEVICE: usize = 10;
+/// Devices whose refusals are kept: 10,000 (the one refused longest ago is forgotten first).
+const RECENT_REFUSALS_DEVICES: usize = 10_000;
 
 /// The frame services sessions use.
 pub struct FrameServices {
@@ -109,6 +116,10 @@ impl Shared {
             deadletters: frames.deadletters,
             audit: frames.audit,
             rejection_log: Arc::new(LogLimiter::new(DEFAULT_REJECTION_LOG_LINES_PER_SECOND)),
+            recent_refusals: crate::policy::rejections::RecentRefusals::new(
+                RECENT_REFUSALS_PER_DEVICE,
+                RECENT_REFUSALS_DEVICES,
+            ),
             metrics: metrics.clone(),
             sessions: Arc::new(table::SessionTable::default()),
             draining: CancellationToken::new(),
