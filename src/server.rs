@@ -42,6 +42,8 @@ pub enum ServerError {
     Audit(#[from] crate::audit::AuditError),
     #[error("cannot start session worker threads: {0}")]
     Workers(std::io::Error),
+    #[error("admin listener TLS: {0}")]
+    AdminTls(String),
 }
 
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -200,10 +202,23 @@ impl Server {
                 deadletters: self.deadletter_store.clone(),
                 audit: shared.config.audit.clone(),
                 gateway: shared.clone(),
+                admin_clients: admin_cfg
+                    .tls
+                    .as_ref()
+                    .map(|t| t.clients.clone())
+                    .unwrap_or_default()
+                    .into(),
+            };
+            let admin_tls = match &admin_cfg.tls {
+                Some(t) => Some(
+                    crate::admin::listener::server_config(t)
+                        .map_err(|e| ServerError::AdminTls(e.to_string()))?,
+                ),
+                None => None,
             };
             let token = shutdown.clone();
             self.tracker.spawn(async move {
-                if let Err(e) = crate::admin::serve(admin, state, token).await {
+                if let Err(e) = crate::admin::serve(admin, state, admin_tls, token).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });

@@ -225,3 +225,105 @@ async fn devices_are_listed_by_filter_and_page_and_show_their_recent_refusals() 
     assert!(r.at.ends_with('Z'), "{r:?}");
     gw.stop().await;
 }
+
+/// `GET path` over TLS to the admin listener with `cert` (or none) and `token` (or none):
+/// the HTTP status, or `None` when TLS failed.
+async fn https_status(
+    gw: &Gateway,
+    cert: Option<&gatehouse_pki::IssuedCert>,
+    token: Option<&str>,
+    path: &str,
+) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = connect_tls(gw.admin_addr, gw.client_config(cert))
+        .await
+        .ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut answer = Vec::new();
+    let _ = within(tls.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+#[tokio::test]
+async fn an_admin_certificate_named_in_the_config_is_a_credential_and_a_device_certificate_is_not()
+{
+    let ingest = Backend::start().await;
+    let mut options = Options::new(vec![telemetry_route(vec![ingest.url("/")])]);
+    // The admin listener speaks HTTPS with the gateway's own certificate and asks for admin
+    // certificates from the same CA.
+    options.admin_extra = "cert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\nclients = [\"ops-alice\"]".into();
+    let gw = Gateway::start(options).await;
+    let alice = gw
+        .ca
+        .issue_admin("ops-alice", time::Duration::days(1))
+        .unwrap();
+    let bob = gw
+        .ca
+        .issue_admin("ops-bob", time::Duration::days(1))
+        .unwrap();
+    let device = gw.enroll("sensor-1", "env-sensor");
+    let token = gw.admin_token.clone();
+
+    assert_eq!(
+        https_status(&gw, Some(&alice), None, "/v1/devices").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_status(&gw, Some(&alice), None, "/metrics").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_status(&gw, Some(&bob), None, "/v1/devices").await,
+        Some(403)
+    );
+    assert_eq!(
+        https_status(&gw, Some(&device), None, "/v1/devices").await,
+        Some(403)
+    );
+    // A device certificate with the token is still let in by the token.
+    assert_eq!(
+        https_status(&gw, Some(&device), Some(&token), "/v1/devices").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_status(&gw, None, Some(&token), "/v1/devices").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_status(&gw, None, None, "/v1/devices").await,
+        Some(401)
+    );
+    assert_eq!(https_status(&gw, None, None, "/readyz").await, Some(200));
+    // A certificate from another CA fails the TLS handshake.
+    let other = gatehouse_pki::CertificateAuthority::generate("Other CA", time::Duration::days(1))
+        .unwrap()
+        .issue_admin("ops-alice", time::Duration::days(1))
+        .unwrap();
+    assert_ne!(
+        https_status(&gw, Some(&other), None, "/v1/devices").await,
+        Some(200)
+    );
+    // Plain HTTP to the HTTPS listener gets no answer.
+    assert_plain_http_refused(&gw).await;
+    gw.stop().await;
+}
+
+async fn assert_plain_http_refused(gw: &Gateway) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(gw.admin_addr).await.unwrap();
+    tcp.write_all(b"GET /v1/devices HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = within(tcp.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}

@@ -238,6 +238,26 @@ impl CertificateAuthority {
         self.sign(params)
     }
 
+    /// Issues an operator's admin certificate (clientAuth): CN NAME and SAN URI
+    /// `urn:gatehouse:admin:NAME`, the form the admin listener accepts for names its
+    /// configuration allows. Never a device identity: it names no device.
+    pub fn issue_admin(&self, name: &str, validity: Duration) -> Result<IssuedCert> {
+        validate_device_id(name)?;
+        let uri = format!("{}{name}", crate::ADMIN_URI_PREFIX);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.subject_alt_names = vec![SanType::URI(
+            uri.try_into()
+                .map_err(|_| PkiError::InvalidDeviceId(name.to_string()))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let start = now() - CLOCK_SKEW_ALLOWANCE;
+        params.not_before = start;
+        params.not_after = start + validity;
+        self.sign(params)
+    }
+
     /// Issues a client certificate for the gateway itself, for `wss://` backends that want
     /// mutual TLS.
     pub fn issue_client(&self, common_name: &str, validity: Duration) -> Result<IssuedCert> {
@@ -514,6 +534,24 @@ impl PkiDir {
             false,
         )?;
         Ok(issued)
+    }
+
+    /// Issues an admin certificate into `admins/NAME.pem` and `admins/NAME.key` (0600).
+    pub fn issue_admin(&self, name: &str) -> Result<(IssuedCert, PathBuf)> {
+        let issued = self.ca.issue_admin(
+            name,
+            Duration::days(crate::DEFAULT_ADMIN_VALIDITY_DAYS.into()),
+        )?;
+        let dir = self.dir.join("admins");
+        fs::create_dir_all(&dir).map_err(io_err(&self.dir))?;
+        write_atomic(
+            &dir.join(format!("{name}.key")),
+            issued.key_pem.as_bytes(),
+            true,
+        )?;
+        let cert = dir.join(format!("{name}.pem"));
+        write_atomic(&cert, issued.cert_pem.as_bytes(), false)?;
+        Ok((issued, cert))
     }
 
     /// Issues a device certificate into `devices/ID.pem` and `devices/ID.key`.

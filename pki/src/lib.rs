@@ -43,6 +43,10 @@ pub const MAX_DEVICE_ID_LEN: usize = 64;
 pub const MAX_DEVICE_TYPE_LEN: usize = 32;
 /// Prefix of the SAN URI that carries the device id.
 pub const DEVICE_URI_PREFIX: &str = "urn:gatehouse:device:";
+/// SAN URI of an operator's admin certificate: `urn:gatehouse:admin:NAME`.
+pub const ADMIN_URI_PREFIX: &str = "urn:gatehouse:admin:";
+/// Validity of an admin certificate: 90 days (operators renew; a lost one expires soon).
+pub const DEFAULT_ADMIN_VALIDITY_DAYS: u32 = 90;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

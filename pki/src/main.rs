@@ -42,6 +42,14 @@ enum Command {
         #[arg(long = "ip", num_args = 1..)]
         ip: Vec<IpAddr>,
     },
+    /// Issue an operator's admin certificate: DIR/admins/NAME.pem and DIR/admins/NAME.key
+    /// (90 days). The admin listener accepts it when `[admin] clients` names NAME.
+    Admin {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
     /// Issue one device certificate: DIR/devices/ID.pem and DIR/devices/ID.key.
     Device {
         #[arg(long)]
@@ -119,6 +127,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "server certificate written to {} (sha256 {})",
                 dir.join(PkiDir::SERVER_CERT).display(),
                 issued.fingerprint_hex()
+            );
+        }
+        Command::Admin { dir, name } => {
+            let pki = PkiDir::open(&dir)?;
+            let (issued, path) = pki.issue_admin(&name)?;
+            println!(
+                "admin certificate for {name} written to {} (sha256 {}, valid until {})",
+                path.display(),
+                issued.fingerprint_hex(),
+                issued.not_after
             );
         }
         Command::Device {

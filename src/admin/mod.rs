@@ -5,6 +5,7 @@
 //! actions in `control`.
 
 pub mod client;
+pub mod listener;
 
 pub use client::{AdminClient, ClientError};
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -50,6 +51,8 @@ pub struct AdminState {
     pub audit: Option<crate::config::AuditConfig>,
     /// The gateway's shared state: what `/metrics` reads.
     pub gateway: Arc<crate::session::Shared>,
+    /// Admin certificate names let in without the token (`[admin] clients`).
+    pub admin_clients: Arc<[String]>,
 }
 
 /// Body of `POST /v1/devices`.
@@ -157,17 +160,46 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
+/// The one place requests are let in: every endpoint but the probes needs the bearer token
+/// or, on an HTTPS admin listener, an admin certificate whose name `[admin] clients` lists.
+/// A device certificate is never an admin credential.
+async fn authenticate(
+    State(s): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<listener::AdminPeer>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(t) if state.token.matches(t) => Ok(()),
-        _ => Err(ApiError(
+    if presented.is_some_and(|t| s.token.matches(t)) {
+        return next.run(request).await;
+    }
+    use crate::admission::identity::AdminIdentity;
+    match &peer.identity {
+        Some(AdminIdentity::Admin(name)) if s.admin_clients.iter().any(|c| c == name) => {
+            next.run(request).await
+        }
+        Some(AdminIdentity::Admin(name)) => ApiError(
+            StatusCode::FORBIDDEN,
+            format!("admin certificate {name:?} is not in admin.clients"),
+        )
+        .into_response(),
+        Some(AdminIdentity::Device) => ApiError(
+            StatusCode::FORBIDDEN,
+            "a device certificate is not an admin credential".into(),
+        )
+        .into_response(),
+        _ => ApiError(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (admin.token_file)".into(),
-        )),
+            "missing or wrong bearer token (admin.token_file), and no admin certificate".into(),
+        )
+        .into_response(),
     }
 }
 
@@ -183,8 +215,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn health(State(s): State<AdminState>, headers: HeaderMap) -> Result<Json<Health>, ApiError> {
-    authorize(&s, &headers)?;
+async fn health(State(s): State<AdminState>) -> Result<Json<Health>, ApiError> {
     Ok(Json(Health {
         status: "ok".into(),
         devices: s.registry.len(),
@@ -194,10 +225,8 @@ async fn health(State(s): State<AdminState>, headers: HeaderMap) -> Result<Json<
 /// `GET /v1/devices?type=&status=&label=key=value&after=&limit=`: one page, by id.
 async fn list(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     axum::extract::Query(query): axum::extract::Query<crate::model::DeviceQuery>,
 ) -> Result<Json<crate::model::DevicePage>, ApiError> {
-    authorize(&s, &headers)?;
     let all = s.registry.list();
     query
         .page(all.iter().map(|d| &**d))
@@ -218,10 +247,8 @@ pub struct DeviceView {
 
 async fn show(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    authorize(&s, &headers)?;
     let device = s
         .registry
         .get(&id)
@@ -235,10 +262,8 @@ async fn show(
 
 async fn remove_certificate(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path((id, sha256)): Path<(String, String)>,
 ) -> Result<Json<Device>, ApiError> {
-    authorize(&s, &headers)?;
     let registry = s.registry.clone();
     let device = blocking(move || registry.remove_certificate(&id, &sha256)).await?;
     tracing::info!(device.id = %device.id, "admin: certificate removed from device");
@@ -264,11 +289,9 @@ pub struct Ended {
 
 async fn kick(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: Option<Json<KickRequest>>,
 ) -> Result<Json<Ended>, ApiError> {
-    authorize(&s, &headers)?;
     if s.registry.get(&id).is_none() {
         return Err(ApiError::from(RegistryError::UnknownDevice(id)));
     }
@@ -298,10 +321,8 @@ pub struct DrainReport {
 
 async fn drain(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     body: Option<Json<DrainRequest>>,
 ) -> Result<Json<DrainReport>, ApiError> {
-    authorize(&s, &headers)?;
     let runtime = &s.live.load().config;
     let grace = body
         .and_then(|Json(b)| b.grace_ms)
@@ -337,8 +358,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 
 /// `GET /metrics`: Prometheus (OpenMetrics text). Needs the bearer token like the rest of
 /// the API (Prometheus: `authorization: {credentials_file: ...}`).
-async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
+async fn metrics(State(s): State<AdminState>) -> Result<Response, ApiError> {
     let text = s
         .gateway
         .metrics
@@ -355,10 +375,8 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Result<Resp
 
 async fn enroll(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Json(body): Json<EnrollRequest>,
 ) -> Result<Json<Vec<Device>>, ApiError> {
-    authorize(&s, &headers)?;
     let registry = s.registry.clone();
     let devices = blocking(move || registry.enroll_many(body.devices)).await?;
     tracing::info!(count = devices.len(), "admin: devices enrolled");
@@ -367,11 +385,9 @@ async fn enroll(
 
 async fn set_status(
     s: AdminState,
-    headers: HeaderMap,
     id: String,
     status: DeviceStatus,
 ) -> Result<Json<Device>, ApiError> {
-    authorize(&s, &headers)?;
     let registry = s.registry.clone();
     let device = blocking(move || registry.set_status(&id, status)).await?;
     tracing::info!(device.id = %device.id, status = status.as_str(), "admin: device status changed");
@@ -380,33 +396,26 @@ async fn set_status(
 
 async fn suspend(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
-    set_status(s, headers, id, DeviceStatus::Suspended).await
+    set_status(s, id, DeviceStatus::Suspended).await
 }
 
 async fn resume(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
-    set_status(s, headers, id, DeviceStatus::Active).await
+    set_status(s, id, DeviceStatus::Active).await
 }
 
 async fn revoke(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
-    set_status(s, headers, id, DeviceStatus::Revoked).await
+    set_status(s, id, DeviceStatus::Revoked).await
 }
 
-async fn reload_tls(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Json<Health>, ApiError> {
-    authorize(&s, &headers)?;
+async fn reload_tls(State(s): State<AdminState>) -> Result<Json<Health>, ApiError> {
     let reloaded = crate::control::reload_tls(s.tls.clone()).await;
     s.gateway.metrics.reload("tls", reloaded.is_ok());
     reloaded.map_err(|e| {
@@ -422,11 +431,7 @@ async fn reload_tls(
     }))
 }
 
-async fn reload_schemas(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Json<Health>, ApiError> {
-    authorize(&s, &headers)?;
+async fn reload_schemas(State(s): State<AdminState>) -> Result<Json<Health>, ApiError> {
     let reloaded = crate::control::reload_schemas(s.live.clone()).await;
     s.gateway.metrics.reload("schemas", reloaded.is_ok());
     let n = reloaded.map_err(|e| {
@@ -452,11 +457,7 @@ pub struct ReloadReport {
     pub sessions_closed: usize,
 }
 
-async fn reload_config(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Json<ReloadReport>, ApiError> {
-    authorize(&s, &headers)?;
+async fn reload_config(State(s): State<AdminState>) -> Result<Json<ReloadReport>, ApiError> {
     let reloaded = crate::control::reload_config(&s.started, &s.live, &s.tls, &s.sessions).await;
     s.gateway.metrics.reload("config", reloaded.is_ok());
     let r = reloaded.map_err(|e| {
@@ -480,35 +481,23 @@ async fn reload_config(
 
 async fn sessions(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     axum::extract::Query(filter): axum::extract::Query<Filter>,
 ) -> Result<Json<Vec<LiveSession>>, ApiError> {
-    authorize(&s, &headers)?;
     Ok(Json(s.sessions.list(&filter)))
 }
 
-async fn rejections(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<RejectionCount>>, ApiError> {
-    authorize(&s, &headers)?;
+async fn rejections(State(s): State<AdminState>) -> Result<Json<Vec<RejectionCount>>, ApiError> {
     Ok(Json(s.rejections.snapshot()))
 }
 
-async fn limit_hits(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<RejectionCount>>, ApiError> {
-    authorize(&s, &headers)?;
+async fn limit_hits(State(s): State<AdminState>) -> Result<Json<Vec<RejectionCount>>, ApiError> {
     Ok(Json(s.limit_hits.snapshot()))
 }
 
 async fn deadletters(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    authorize(&s, &headers)?;
     if s.registry.get(&id).is_none() {
         return Err(ApiError::from(RegistryError::UnknownDevice(id)));
     }
@@ -545,11 +534,9 @@ async fn audit_blocking<T: Send + 'static>(
 
 async fn audit_show(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
 ) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
-    authorize(&s, &headers)?;
     let cfg = audit_cfg(&s)?;
     let export = audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?;
     Ok(Json(
@@ -564,10 +551,8 @@ async fn audit_show(
 
 async fn audit_export(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<crate::audit::Export>, ApiError> {
-    authorize(&s, &headers)?;
     let cfg = audit_cfg(&s)?;
     Ok(Json(
         audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?,
@@ -587,10 +572,8 @@ pub struct AuditVerdict {
 
 async fn audit_verify(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
 ) -> Result<Json<Vec<AuditVerdict>>, ApiError> {
-    authorize(&s, &headers)?;
     let cfg = audit_cfg(&s)?;
     let key_path = cfg.public_key.clone().ok_or_else(|| {
         ApiError(
@@ -660,18 +643,36 @@ pub fn router(state: AdminState) -> Router {
                 "no such endpoint (docs/admin-api.md)",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
-/// Serves the admin API until `shutdown`.
+/// Serves the admin API until `shutdown`: HTTPS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(listen = ?listener.local_addr().ok(), "admin API listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let local = listener.local_addr().ok();
+    let app = router(state).into_make_service_with_connect_info::<listener::AdminPeer>();
+    let stop = shutdown.clone();
+    match tls {
+        Some(config) => {
+            tracing::info!(listen = ?local, "admin API listening (HTTPS)");
+            axum::serve(listener::tls(listener, config, shutdown.clone()), app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+        None => {
+            tracing::info!(listen = ?local, "admin API listening");
+            axum::serve(listener::Plain(listener), app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+    }
 }

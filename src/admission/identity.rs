@@ -72,6 +72,47 @@ impl PeerCertificate {
     }
 }
 
+/// Who an admin client certificate names: `Admin(NAME)` for a `urn:gatehouse:admin:NAME` SAN
+/// URI, `Device` for a device certificate (never an admin credential), `None` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminIdentity {
+    Admin(String),
+    Device,
+    Other,
+}
+
+pub fn admin_identity(der: &[u8]) -> AdminIdentity {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return AdminIdentity::Other;
+    };
+    let uris: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(uri) => Some(uri.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris
+        .iter()
+        .any(|u| u.starts_with(gatehouse_pki::DEVICE_URI_PREFIX))
+    {
+        return AdminIdentity::Device;
+    }
+    uris.iter()
+        .find_map(|u| u.strip_prefix(gatehouse_pki::ADMIN_URI_PREFIX))
+        .map_or(AdminIdentity::Other, |n| {
+            AdminIdentity::Admin(n.to_string())
+        })
+}
+
 /// One CRL's revoked serials, indexed for the post-handshake check.
 #[derive(Debug, Clone, Default)]
 pub struct RevocationIndex {
@@ -217,6 +258,28 @@ mod tests {
 
     fn ca() -> CertificateAuthority {
         CertificateAuthority::generate("test", Duration::days(10)).unwrap()
+    }
+
+    #[test]
+    fn an_admin_certificate_names_its_admin_and_a_device_certificate_never_does() {
+        let ca = ca();
+        let admin = ca.issue_admin("ops-alice", Duration::days(1)).unwrap();
+        assert_eq!(
+            admin_identity(&admin.cert_der),
+            AdminIdentity::Admin("ops-alice".into())
+        );
+        let device = ca
+            .issue_device("sensor-1", &DeviceCertOptions::default())
+            .unwrap();
+        assert_eq!(admin_identity(&device.cert_der), AdminIdentity::Device);
+        let server = ca
+            .issue_server(&["localhost".into()], &[], Duration::days(1))
+            .unwrap();
+        assert_eq!(admin_identity(&server.cert_der), AdminIdentity::Other);
+        assert_eq!(admin_identity(b"not a certificate"), AdminIdentity::Other);
+        // An admin certificate is no device identity either.
+        assert_eq!(PeerCertificate::parse(&admin.cert_der).unwrap().claimed_id, None);
+        assert!(ca.issue_admin("bad name!", Duration::days(1)).is_err());
     }
 
     fn crl_der(ca: &CertificateAuthority, serials: &[Vec<u8>], next: OffsetDateTime) -> Vec<u8> {

@@ -224,6 +224,13 @@ pub struct FileRegistry {
 pub struct FileAdmin {
     pub listen: String,
     pub token_file: PathBuf,
+    /// HTTPS on the admin listener: its certificate chain and key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA bundle admin client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// Admin certificate names (`gatehouse-pki admin --name NAME`) allowed in.
+    pub clients: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +302,19 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: AdminToken,
+    /// HTTPS, and admin client certificates as a second way in (besides the token).
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin listener's TLS: its own certificate, and which admin client certificates are
+/// accepted in place of the bearer token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `None`: no client certificates asked for (HTTPS with the token only).
+    pub client_ca: Option<PathBuf>,
+    pub clients: Vec<String>,
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -302,6 +322,7 @@ impl std::fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("listen", &self.listen)
             .field("token", &self.token)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -785,9 +806,43 @@ impl TryFrom<Section<'_, FileAdmin>> for AdminConfig {
                 token_path.display()
             ))
         })?;
+        let tls = match (&a.cert, &a.key) {
+            (None, None) => {
+                if a.client_ca.is_some() || a.clients.is_some() {
+                    return Err(invalid(
+                        "admin.client_ca and admin.clients need admin.cert and admin.key (HTTPS on the admin listener)",
+                    ));
+                }
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let clients = a.clients.clone().unwrap_or_default();
+                for name in &clients {
+                    gatehouse_pki::validate_device_id(name)
+                        .map_err(|e| invalid(format!("admin.clients: {name:?}: {e}")))?;
+                }
+                if !clients.is_empty() && a.client_ca.is_none() {
+                    return Err(invalid(
+                        "admin.clients needs admin.client_ca: the CA the admin certificates chain to",
+                    ));
+                }
+                Some(AdminTls {
+                    cert: section.path(cert),
+                    key: section.path(key),
+                    client_ca: a.client_ca.as_ref().map(|p| section.path(p)),
+                    clients,
+                })
+            }
+            _ => {
+                return Err(invalid(
+                    "admin.cert and admin.key go together: give both for HTTPS, or neither",
+                ))
+            }
+        };
         Ok(AdminConfig {
             listen,
             token: AdminToken::new(&token_text)?,
+            tls,
         })
     }
 }

@@ -283,6 +283,8 @@ pub struct Options {
     pub tail: String,
     /// More keys for the [server] section.
     pub server_extra: String,
+    /// More keys for the [admin] section.
+    pub admin_extra: String,
 }
 
 impl Options {
@@ -300,6 +302,7 @@ impl Options {
             schemas_dir: None,
             tail: String::new(),
             server_extra: String::new(),
+            admin_extra: String::new(),
         }
     }
 }
@@ -394,6 +397,7 @@ path = "registry"
 [admin]
 listen = "127.0.0.1:0"
 token_file = "admin.token"
+{admin_extra}
 
 [websocket]
 max_message_bytes = {max_msg}
@@ -420,6 +424,7 @@ connect_timeout_ms = {connect}
             .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")),
         tail = options.tail,
         server_extra = options.server_extra,
+        admin_extra = options.admin_extra,
     );
     let mut text = text;
     if let Some(extra) = &options.audit {
