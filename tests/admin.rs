@@ -314,6 +314,9 @@ async fn an_admin_certificate_named_in_the_config_is_a_credential_and_a_device_c
     );
     // Plain HTTP to the HTTPS listener gets no answer.
     assert_plain_http_refused(&gw).await;
+    // The CLI talks HTTPS to it (trusting tls.client_ca) with the token.
+    let (ok, out, err) = gatehouse_cli(&gw, &["--config", "{config}", "devices", "list"]).await;
+    assert!(ok && out.contains("sensor-1"), "{out}{err}");
     gw.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The blocking client of the admin API, for the CLI: one request helper, one method per
 //! endpoint. The server side is `admin`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::AdminToken;
@@ -40,6 +41,59 @@ impl AdminClient {
             token,
             agent,
         }
+    }
+
+    /// A client over HTTPS (an admin listener with `[admin] cert`), trusting the CA bundle in
+    /// `ca_pem` for the listener's certificate, which must name `addr`'s IP address.
+    pub fn https(
+        addr: std::net::SocketAddr,
+        token: AdminToken,
+        ca_pem: &std::path::Path,
+    ) -> Result<Self, ClientError> {
+        use rustls_pki_types::pem::PemObject;
+        let roots = rustls_pki_types::CertificateDer::pem_file_iter(ca_pem)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Http(format!("{}: {e}", ca_pem.display())))?;
+        if roots.is_empty() {
+            return Err(ClientError::Http(format!(
+                "{}: no certificate",
+                ca_pem.display()
+            )));
+        }
+        let roots: Vec<ureq::tls::Certificate<'static>> = roots
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(crate::net::tls::provider())
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+            .build();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(CLIENT_TIMEOUT))
+            .tls_config(tls)
+            .build()
+            .into();
+        Ok(Self {
+            base: format!("https://{addr}"),
+            token,
+            agent,
+        })
+    }
+
+    /// The client for the admin listener `config` describes: HTTPS when it has a
+    /// certificate (trusting `[admin] ca`, else `tls.client_ca`), plain HTTP otherwise.
+    pub fn for_config(config: &crate::config::Config) -> Option<Result<Self, ClientError>> {
+        let admin = config.admin.as_ref()?;
+        Some(match &admin.tls {
+            None => Ok(Self::new(admin.listen, admin.token.clone())),
+            Some(t) => Self::https(
+                admin.listen,
+                admin.token.clone(),
+                t.ca.as_deref().unwrap_or(&config.runtime.tls.client_ca),
+            ),
+        })
     }
 
     /// Whether something answers on the admin address (a running gateway).

@@ -278,7 +278,10 @@ mod tests {
         assert_eq!(admin_identity(&server.cert_der), AdminIdentity::Other);
         assert_eq!(admin_identity(b"not a certificate"), AdminIdentity::Other);
         // An admin certificate is no device identity either.
-        assert_eq!(PeerCertificate::parse(&admin.cert_der).unwrap().claimed_id, None);
+        assert_eq!(
+            PeerCertificate::parse(&admin.cert_der).unwrap().claimed_id,
+            None
+        );
         assert!(ca.issue_admin("bad name!", Duration::days(1)).is_err());
     }
 

@@ -87,10 +87,9 @@ enum Access {
 fn access(config: &Config) -> anyhow::Result<Access> {
     if let Some(admin) = &config.admin {
         if AdminClient::is_up(admin.listen) {
-            return Ok(Access::Admin(AdminClient::new(
-                admin.listen,
-                admin.token.clone(),
-            )));
+            if let Some(client) = AdminClient::for_config(config) {
+                return Ok(Access::Admin(client?));
+            }
         }
     }
     match Embedded::open(&config.registry_path, config.deadletter.per_device) {

@@ -122,10 +122,10 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 
 /// Asks the running gateway to reload TLS material and schemas.
 pub fn reload(config: &Config) -> anyhow::Result<()> {
-    let Some(admin) = &config.admin else {
+    let Some(client) = AdminClient::for_config(config) else {
         bail!("no [admin] section: send SIGHUP to the gateway instead");
     };
-    let client = AdminClient::new(admin.listen, admin.token.clone());
+    let client = client?;
     let report = client.reload()?;
     println!(
         "configuration, TLS material and schemas reloaded: {} route(s), {} device type(s), {} session(s) closed",
@@ -137,10 +137,10 @@ pub fn reload(config: &Config) -> anyhow::Result<()> {
 /// Asks the running gateway to drain: new sessions refused, open ones closed over the grace
 /// period, then it exits.
 pub fn drain(config: &Config, grace_ms: Option<u64>) -> anyhow::Result<()> {
-    let Some(admin) = &config.admin else {
+    let Some(client) = AdminClient::for_config(config) else {
         bail!("no [admin] section: stop the gateway with SIGTERM instead");
     };
-    let client = AdminClient::new(admin.listen, admin.token.clone());
+    let client = client?;
     let report = client.drain(grace_ms)?;
     println!(
         "draining: {} session(s) closing over {} ms; the gateway exits when they are gone",

@@ -333,8 +333,11 @@ pub fn top(config: &Config, once: bool, interval: Duration) -> anyhow::Result<()
     let Some(admin) = &config.admin else {
         bail!("no [admin] section: `gatehouse top` reads the running gateway's admin API");
     };
-    let client = AdminClient::new(admin.listen, admin.token.clone());
     let target = admin.listen.to_string();
+    let Some(client) = AdminClient::for_config(config) else {
+        bail!("no [admin] section");
+    };
+    let client = client?;
     let mut before = sample(&client)?;
     let mut at = std::time::Instant::now();
     loop {

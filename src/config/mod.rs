@@ -231,6 +231,9 @@ pub struct FileAdmin {
     pub client_ca: Option<PathBuf>,
     /// Admin certificate names (`gatehouse-pki admin --name NAME`) allowed in.
     pub clients: Option<Vec<String>>,
+    /// CA bundle the CLI verifies the admin listener's certificate with (default
+    /// `tls.client_ca`).
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +318,8 @@ pub struct AdminTls {
     /// `None`: no client certificates asked for (HTTPS with the token only).
     pub client_ca: Option<PathBuf>,
     pub clients: Vec<String>,
+    /// What the CLI trusts for the listener's certificate; `None`: `tls.client_ca`.
+    pub ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -808,9 +813,9 @@ impl TryFrom<Section<'_, FileAdmin>> for AdminConfig {
         })?;
         let tls = match (&a.cert, &a.key) {
             (None, None) => {
-                if a.client_ca.is_some() || a.clients.is_some() {
+                if a.client_ca.is_some() || a.clients.is_some() || a.ca.is_some() {
                     return Err(invalid(
-                        "admin.client_ca and admin.clients need admin.cert and admin.key (HTTPS on the admin listener)",
+                        "admin.client_ca, admin.clients and admin.ca need admin.cert and admin.key (HTTPS on the admin listener)",
                     ));
                 }
                 None
@@ -831,6 +836,7 @@ impl TryFrom<Section<'_, FileAdmin>> for AdminConfig {
                     key: section.path(key),
                     client_ca: a.client_ca.as_ref().map(|p| section.path(p)),
                     clients,
+                    ca: a.ca.as_ref().map(|p| section.path(p)),
                 })
             }
             _ => {
