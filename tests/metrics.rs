@@ -247,23 +247,36 @@ async fn counters_move_by_exactly_what_a_scripted_run_did_and_deploy_files_name_
     gw.stop().await;
 }
 
+/// `/metrics` is open like the probes (counts only, no device ids, loopback listener); the
+/// rest of the API is not.
 #[tokio::test]
-async fn scraping_needs_the_admin_token() {
+async fn metrics_need_no_token_and_the_rest_of_the_api_does() {
     let ingest = Backend::start().await;
     let gw = Gateway::start(Options::new(vec![telemetry_route(vec![ingest.url("/")])])).await;
     let wrong = gatehouse::admin::AdminClient::new(
         gw.admin_addr,
         gatehouse::config::AdminToken::new("not-the-token-0123456789").unwrap(),
     );
-    let refused = tokio::task::spawn_blocking(move || wrong.metrics())
-        .await
-        .unwrap();
+    let (metrics, devices) = tokio::task::spawn_blocking(move || {
+        (
+            wrong.metrics(),
+            wrong.list(&gatehouse::model::DeviceQuery::default()),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        metrics
+            .as_ref()
+            .is_ok_and(|t| t.contains("gatehouse_handshakes_total")),
+        "{metrics:?}"
+    );
     assert!(
         matches!(
-            refused,
+            devices,
             Err(gatehouse::admin::ClientError::Refused { status: 401, .. })
         ),
-        "{refused:?}"
+        "{devices:?}"
     );
     gw.stop().await;
 }
