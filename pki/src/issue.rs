@@ -218,13 +218,34 @@ impl CertificateAuthority {
 
     /// Issues a device certificate: CN and SAN URI `urn:gatehouse:device:ID`.
     pub fn issue_device(&self, id: &str, options: &DeviceCertOptions) -> Result<IssuedCert> {
-        validate_device_id(id)?;
-        let uri = format!("{DEVICE_URI_PREFIX}{id}");
+        self.issue_named(DEVICE_URI_PREFIX, id, options)
+    }
+
+    /// Issues an operator's admin certificate (clientAuth): CN NAME and SAN URI
+    /// `urn:gatehouse:admin:NAME`, the form the admin listener accepts for names its
+    /// configuration allows. Never a device identity: it names no device.
+    pub fn issue_admin(&self, name: &str, validity: Duration) -> Result<IssuedCert> {
+        let options = DeviceCertOptions {
+            validity,
+            ..DeviceCertOptions::default()
+        };
+        self.issue_named(crate::ADMIN_URI_PREFIX, name, &options)
+    }
+
+    /// A client certificate named NAME: CN NAME and SAN URI `PREFIX` + NAME.
+    fn issue_named(
+        &self,
+        prefix: &str,
+        name: &str,
+        options: &DeviceCertOptions,
+    ) -> Result<IssuedCert> {
+        validate_device_id(name)?;
+        let uri = format!("{prefix}{name}");
         let mut params = CertificateParams::default();
-        params.distinguished_name = dn(id);
+        params.distinguished_name = dn(name);
         params.subject_alt_names = vec![SanType::URI(
             uri.try_into()
-                .map_err(|_| PkiError::InvalidDeviceId(id.to_string()))?,
+                .map_err(|_| PkiError::InvalidDeviceId(name.to_string()))?,
         )];
         if options.client_auth_eku {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -235,26 +256,6 @@ impl CertificateAuthority {
             .unwrap_or_else(|| now() - CLOCK_SKEW_ALLOWANCE);
         params.not_before = start;
         params.not_after = start + options.validity;
-        self.sign(params)
-    }
-
-    /// Issues an operator's admin certificate (clientAuth): CN NAME and SAN URI
-    /// `urn:gatehouse:admin:NAME`, the form the admin listener accepts for names its
-    /// configuration allows. Never a device identity: it names no device.
-    pub fn issue_admin(&self, name: &str, validity: Duration) -> Result<IssuedCert> {
-        validate_device_id(name)?;
-        let uri = format!("{}{name}", crate::ADMIN_URI_PREFIX);
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.subject_alt_names = vec![SanType::URI(
-            uri.try_into()
-                .map_err(|_| PkiError::InvalidDeviceId(name.to_string()))?,
-        )];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let start = now() - CLOCK_SKEW_ALLOWANCE;
-        params.not_before = start;
-        params.not_after = start + validity;
         self.sign(params)
     }
 
