@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use gatehouse::audit::{Record, RecordKind};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -189,15 +190,9 @@ async fn the_command_lifecycle_is_recorded_and_verifies() {
     let (ok, out) = cli(&["verify", "--all"]);
     assert!(ok, "{out}");
     // And through the admin API.
-    let client = gw.admin_client();
-    let (verdicts, shown) = tokio::task::spawn_blocking(move || {
-        (
-            client.audit_verify(None).unwrap(),
-            client.audit_show("lock-a").unwrap(),
-        )
-    })
-    .await
-    .unwrap();
+    let verdicts: Vec<gatehouse::admin::AuditVerdict> =
+        gw.api(Call::get("/v1/audit/verify")).await.unwrap();
+    let shown: Vec<gatehouse::audit::Record> = gw.api(Call::get("/v1/audit/lock-a")).await.unwrap();
     assert!(
         verdicts.iter().all(|v| v.ok) && verdicts.iter().any(|v| v.device == "lock-a"),
         "{verdicts:?}"

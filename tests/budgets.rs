@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use tokio_tungstenite::tungstenite::Message;
 
 const LOCAL: &str = "127.0.0.1";
@@ -54,10 +55,8 @@ async fn silent_connections_cannot_take_session_slots() {
 
     drop(silent);
     drop(gw.connect_eventually(&sensor, &["telemetry.v1"]).await);
-    let c = gw.admin_client();
-    let hits = tokio::task::spawn_blocking(move || c.limit_hits().unwrap())
-        .await
-        .unwrap();
+    let hits: Vec<gatehouse::policy::rejections::RejectionCount> =
+        gw.api(Call::get("/v1/stats/limits")).await.unwrap();
     assert!(
         hits.iter()
             .any(|h| h.reason == "max_handshakes" && h.count >= 1),
@@ -138,10 +137,8 @@ async fn per_source_budgets_close_at_accept_and_spare_other_sources() {
         }
     }
     assert!(refused >= 1, "the handshake rate closed none of 6");
-    let c = gw.admin_client();
-    let hits = tokio::task::spawn_blocking(move || c.limit_hits().unwrap())
-        .await
-        .unwrap();
+    let hits: Vec<gatehouse::policy::rejections::RejectionCount> =
+        gw.api(Call::get("/v1/stats/limits")).await.unwrap();
     for limit in ["source_connections", "source_handshakes_per_second"] {
         assert!(hits.iter().any(|h| h.reason == limit), "{limit}: {hits:?}");
     }

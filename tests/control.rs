@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use gatehouse::audit::RecordKind;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -80,10 +81,12 @@ async fn certificate_removal_and_crl_reload_close_live_sessions_within_a_second(
     // Removal through the admin API (as `gatehouse devices remove-cert` does).
     let (mut dev, _) = gw.connect(Some(&lock), &["control.v1"]).await.unwrap();
     let mut be = control.next().await;
-    let c = gw.admin_client();
     let sha = lock.fingerprint_hex();
     let asked = Instant::now();
-    let left = blocking(move || c.remove_certificate("lock-1", &sha).unwrap())
+    let left: gatehouse::model::Device = gw
+        .api(Call::delete(format!(
+            "/v1/devices/lock-1/certificates/{sha}"
+        )))
         .await
         .unwrap();
     assert_eq!(left.fingerprints, vec![spare.fingerprint_hex()]);
@@ -160,8 +163,8 @@ async fn operators_list_and_kick_live_sessions() {
     dev.send(Message::text(reading(1))).await.unwrap();
     let _ = next_msg(&mut be.ws).await;
 
-    let c = gw.admin_client();
-    let view = blocking(move || c.show("sensor-1").unwrap()).await.unwrap();
+    let view: gatehouse::admin::DeviceView =
+        gw.api(Call::get("/v1/devices/sensor-1")).await.unwrap();
     assert_eq!(view.sessions.len(), 1);
     let s = &view.sessions[0];
     assert_eq!(

@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use gatehouse::audit::RecordKind;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -113,10 +114,7 @@ async fn a_configuration_reload_applies_routes_to_new_and_open_sessions() {
     let (mut dev, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
     let mut old = first.next().await;
     let original = std::fs::read_to_string(&gw.config_path).unwrap();
-    let reload = || {
-        let client = gw.admin_client();
-        tokio::task::spawn_blocking(move || client.reload())
-    };
+    let reload = || gw.api::<gatehouse::admin::ReloadReport>(Call::post("/v1/reload"));
 
     // A setting that needs a restart refuses the whole reload.
     let with_new_pool = original
@@ -128,14 +126,14 @@ async fn a_configuration_reload_applies_routes_to_new_and_open_sessions() {
         with_new_pool.replacen("shutdown_grace_ms = 5000", "shutdown_grace_ms = 4000", 1),
     )
     .unwrap();
-    let err = reload().await.unwrap().unwrap_err().to_string();
+    let err = reload().await.unwrap_err().to_string();
     assert!(err.contains("server.shutdown_grace_ms"), "{err}");
     assert!(err.contains("restart"), "{err}");
     assert!(err.contains("gatehouse.toml"), "{err}");
     assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65536);
 
     std::fs::write(&gw.config_path, &with_new_pool).unwrap();
-    let report = reload().await.unwrap().unwrap();
+    let report = reload().await.unwrap();
     assert_eq!((report.routes, report.sessions_closed), (1, 0));
     assert_eq!(gw.live.load().config.websocket.max_message_bytes, 65000);
     // The open session keeps its backend; a new one goes to the new pool.
@@ -151,7 +149,7 @@ async fn a_configuration_reload_applies_routes_to_new_and_open_sessions() {
         with_new_pool.replace("[tls]", "[session]\nlifetime_jitter_percent = 90\n[tls]"),
     )
     .unwrap();
-    let err = reload().await.unwrap().unwrap_err().to_string();
+    let err = reload().await.unwrap_err().to_string();
     assert!(err.contains("session.lifetime_jitter_percent"), "{err}");
     assert!(err.contains("previous configuration kept"), "{err}");
     let (_dev3, _) = gw.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
@@ -166,7 +164,7 @@ async fn a_configuration_reload_applies_routes_to_new_and_open_sessions() {
         ),
     )
     .unwrap();
-    let report = reload().await.unwrap().unwrap();
+    let report = reload().await.unwrap();
     assert_eq!(report.sessions_closed, 3);
     match next_msg(&mut dev).await {
         Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4008),
@@ -184,7 +182,6 @@ async fn suspension_and_revocation_reach_open_sessions() {
     options.audit = Some(String::new());
     let gw = Gateway::start(options).await;
     let lock = gw.enroll("lock-1", "door-lock");
-    let client = gw.admin_client();
     for (status, code, reason) in [
         (
             gatehouse::model::DeviceStatus::Suspended,
@@ -204,17 +201,21 @@ async fn suspension_and_revocation_reach_open_sessions() {
         }
         let (mut dev, _) = gw.connect(Some(&lock), &["control.v1"]).await.unwrap();
         let mut be = control.next().await;
-        let c = gw.admin_client();
-        let live = tokio::task::spawn_blocking(move || {
-            c.sessions(&gatehouse::session::table::Filter::device("lock-1"))
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let live: Vec<gatehouse::session::table::LiveSession> = gw
+            .api(
+                Call::get("/v1/sessions")
+                    .query(&gatehouse::session::table::Filter::device("lock-1")),
+            )
+            .await
+            .unwrap();
         assert_eq!(live.len(), 1, "{live:?}");
         assert_eq!(live[0].route, "control.v1");
-        let c = gw.admin_client();
-        tokio::task::spawn_blocking(move || c.set_status("lock-1", status).unwrap())
+        let verb = match status {
+            gatehouse::model::DeviceStatus::Suspended => "suspend",
+            _ => "revoke",
+        };
+        let _: gatehouse::model::Device = gw
+            .api(Call::post(format!("/v1/devices/lock-1/{verb}")))
             .await
             .unwrap();
         for ws in [&mut dev] {
@@ -254,9 +255,8 @@ async fn suspension_and_revocation_reach_open_sessions() {
     .await;
     assert!(rs[0].contains("close 4001 by gateway"), "{rs:?}");
     assert!(rs[1].contains("close 4002 by gateway"), "{rs:?}");
-    let live = tokio::task::spawn_blocking(move || client.sessions(&Default::default()).unwrap())
-        .await
-        .unwrap();
+    let live: Vec<gatehouse::session::table::LiveSession> =
+        gw.api(Call::get("/v1/sessions")).await.unwrap();
     assert!(live.is_empty(), "{live:?}");
     gw.stop().await;
 }

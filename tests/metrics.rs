@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use tokio_tungstenite::tungstenite::Message;
 
 /// One scrape: `name{labels}` (as the exposition prints them) to value.
@@ -35,11 +36,7 @@ impl Scrape {
 }
 
 async fn scrape(gw: &Gateway) -> Scrape {
-    let client = gw.admin_client();
-    let text = tokio::task::spawn_blocking(move || client.metrics())
-        .await
-        .unwrap()
-        .unwrap();
+    let text = gw.api_text(Call::get("/metrics")).await.unwrap();
     Scrape::parse(&text)
 }
 
@@ -213,11 +210,7 @@ async fn counters_move_by_exactly_what_a_scripted_run_did_and_deploy_files_name_
         )),
         1.0
     );
-    let client = gw.admin_client();
-    tokio::task::spawn_blocking(move || client.reload())
-        .await
-        .unwrap()
-        .unwrap();
+    let _: gatehouse::admin::ReloadReport = gw.api(Call::post("/v1/reload")).await.unwrap();
     let reloaded = scrape(&gw).await;
     assert_eq!(
         reloaded.get(r#"gatehouse_reloads_total{what="config",result="ok"}"#)
@@ -238,11 +231,7 @@ async fn counters_move_by_exactly_what_a_scripted_run_did_and_deploy_files_name_
     );
     eventually(&gw, &over, 1.0).await;
     assert_eq!(scrape(&gw).await.get(&takeover), 1.0);
-    let client = gw.admin_client();
-    let text = tokio::task::spawn_blocking(move || client.metrics())
-        .await
-        .unwrap()
-        .unwrap();
+    let text = gw.api_text(Call::get("/metrics")).await.unwrap();
     check_named_metrics(&text);
     gw.stop().await;
 }
@@ -259,8 +248,8 @@ async fn metrics_need_no_token_and_the_rest_of_the_api_does() {
     );
     let (metrics, devices) = tokio::task::spawn_blocking(move || {
         (
-            wrong.metrics(),
-            wrong.list(&gatehouse::model::DeviceQuery::default()),
+            wrong.call_text(Call::get("/metrics")),
+            wrong.call::<gatehouse::model::DevicePage>(Call::get("/v1/devices")),
         )
     })
     .await

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use futures_util::SinkExt;
+use gatehouse::admin::Call;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -228,8 +229,8 @@ async fn dead_letters_keep_the_last_rejected_frames() {
     }
     gw.dead_letters_stored(5).await;
 
-    let client = gw.admin_client();
-    let letters = tokio::task::spawn_blocking(move || client.deadletters("s-dl").unwrap())
+    let letters: Vec<gatehouse::storage::DeadLetter> = gw
+        .api(Call::get("/v1/devices/s-dl/deadletters"))
         .await
         .unwrap();
     assert_eq!(letters.len(), 3, "bounded to the last 3");
@@ -246,10 +247,8 @@ async fn dead_letters_keep_the_last_rejected_frames() {
         assert!(l.truncated && l.payload().len() == 20 && l.payload_len > 40);
     }
     // The counters saw all five.
-    let client = gw.admin_client();
-    let counts = tokio::task::spawn_blocking(move || client.rejections().unwrap())
-        .await
-        .unwrap();
+    let counts: Vec<gatehouse::policy::rejections::RejectionCount> =
+        gw.api(Call::get("/v1/stats/rejections")).await.unwrap();
     assert_eq!(counts.iter().map(|c| c.count).sum::<u64>(), 5);
     assert_eq!(counts[0].device_type, "env-sensor");
 
@@ -289,10 +288,10 @@ async fn a_schema_reload_applies_to_a_live_connection() {
 
     // A broken file: the reload fails and the old schema stays in force.
     std::fs::write(&file, r#"{"type":"number","minimum":"low"}"#).unwrap();
-    let client = gw.admin_client();
-    let err = tokio::task::spawn_blocking(move || client.reload_schemas().unwrap_err())
+    let err = gw
+        .api::<gatehouse::admin::Health>(Call::post("/v1/schemas/reload"))
         .await
-        .unwrap();
+        .unwrap_err();
     assert!(err.to_string().contains("telemetry.schema.json"), "{err}");
     dev.send(Message::text(r#"{"t":151}"#)).await.unwrap();
     assert_eq!(next_msg(&mut be.ws).await, Message::text(r#"{"t":151}"#));
@@ -303,10 +302,7 @@ async fn a_schema_reload_applies_to_a_live_connection() {
         r#"{"type":"object","properties":{"t":{"type":"number","maximum":100}}}"#,
     )
     .unwrap();
-    let client = gw.admin_client();
-    tokio::task::spawn_blocking(move || client.reload_schemas().unwrap())
-        .await
-        .unwrap();
+    let _: gatehouse::admin::Health = gw.api(Call::post("/v1/schemas/reload")).await.unwrap();
     dev.send(Message::text(r#"{"t":150}"#)).await.unwrap();
     assert_eq!(error_json(next_msg(&mut dev).await)["pointer"], "/t");
     dev.send(Message::text(r#"{"t":50}"#)).await.unwrap();

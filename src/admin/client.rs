@@ -1,15 +1,15 @@
-//! The blocking client of the admin API, for the CLI: one request helper, one method per
-//! endpoint. The server side is `admin`.
+//! The blocking client of the admin API, for the CLI and the tests: one generic
+//! [`AdminClient::call`] that sends a [`Call`] (method, path, query, JSON body) and decodes the
+//! answer into whatever type the caller asks for, or turns the API's one error shape into
+//! [`ClientError::Refused`]. Endpoints are not methods here: docs/admin-api.md lists them, and
+//! `gatehouse api METHOD PATH` reaches any of them. The server side is `admin`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::AdminToken;
 
-use super::{AuditVerdict, EnrollRequest, ErrorBody, Health, CLIENT_TIMEOUT};
-use crate::model::{Device, DeviceStatus, Enrollment};
-use crate::policy::rejections::RejectionCount;
-use crate::storage::DeadLetter;
+use super::{ErrorBody, CLIENT_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -17,8 +17,102 @@ pub enum ClientError {
     Unreachable(String),
     #[error("admin API: {0}")]
     Http(String),
-    #[error("admin API refused: {status}: {message}")]
-    Refused { status: u16, message: String },
+    #[error("admin API refused: {status} {code}: {message}")]
+    Refused {
+        status: u16,
+        /// The stable code of the error body (`not-found`, `conflict`, ...).
+        code: String,
+        message: String,
+    },
+}
+
+/// The HTTP methods the admin API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+impl std::str::FromStr for Method {
+    type Err = ClientError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "GET" => Ok(Self::Get),
+            "POST" => Ok(Self::Post),
+            "DELETE" => Ok(Self::Delete),
+            other => Err(ClientError::Http(format!(
+                "method {other:?}: the admin API uses GET, POST and DELETE"
+            ))),
+        }
+    }
+}
+
+/// One request to the admin API: `Call::post("/v1/devices/lock-1/kick").json(&body)`.
+#[derive(Debug, Clone)]
+pub struct Call {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    body: Option<Result<Vec<u8>, String>>,
+}
+
+impl Call {
+    pub fn new(method: Method, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            query: None,
+            body: None,
+        }
+    }
+
+    pub fn get(path: impl Into<String>) -> Self {
+        Self::new(Method::Get, path)
+    }
+
+    pub fn post(path: impl Into<String>) -> Self {
+        Self::new(Method::Post, path)
+    }
+
+    pub fn delete(path: impl Into<String>) -> Self {
+        Self::new(Method::Delete, path)
+    }
+
+    /// The query string from a struct's fields (absent options left out), e.g. a
+    /// `DeviceQuery` or a session `Filter`.
+    pub fn query(mut self, query: &impl serde::Serialize) -> Self {
+        match serde_urlencoded::to_string(query) {
+            Ok(q) if q.is_empty() => self.query = None,
+            Ok(q) => self.query = Some(q),
+            Err(e) => self.body = Some(Err(format!("query: {e}"))),
+        }
+        self
+    }
+
+    /// `body` as the JSON request body.
+    pub fn json(mut self, body: &impl serde::Serialize) -> Self {
+        self.body = Some(serde_json::to_vec(body).map_err(|e| format!("body: {e}")));
+        self
+    }
+
+    /// A body that is already JSON text (`gatehouse api --data`), checked before it is sent.
+    pub fn json_text(mut self, text: &str) -> Self {
+        self.body = Some(
+            serde_json::from_str::<serde_json::Value>(text)
+                .map(|_| text.as_bytes().to_vec())
+                .map_err(|e| format!("--data is not JSON: {e}")),
+        );
+        self
+    }
+
+    fn target(&self, base: &str) -> String {
+        match &self.query {
+            Some(q) if self.path.contains('?') => format!("{base}{}&{q}", self.path),
+            Some(q) => format!("{base}{}?{q}", self.path),
+            None => format!("{base}{}", self.path),
+        }
+    }
 }
 
 /// Blocking client for the CLI.
@@ -101,242 +195,65 @@ impl AdminClient {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
     }
 
-    fn finish<T: serde::de::DeserializeOwned>(
-        &self,
-        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<T, ClientError> {
-        let mut resp = result.map_err(|e| match e {
-            ureq::Error::Io(_) | ureq::Error::ConnectionFailed => {
-                ClientError::Unreachable(self.base.clone())
+    /// Sends `call` and decodes its JSON answer as `T`.
+    pub fn call<T: serde::de::DeserializeOwned>(&self, call: Call) -> Result<T, ClientError> {
+        let text = self.call_text(call)?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
+    }
+
+    /// Sends `call` and returns its answer as text (`/metrics`, or an answer printed as it
+    /// comes). A refusal becomes [`ClientError::Refused`] with the error body's code.
+    pub fn call_text(&self, call: Call) -> Result<String, ClientError> {
+        let url = call.target(&self.base);
+        let auth = format!("Bearer {}", self.token.expose());
+        let body = call.body.transpose().map_err(ClientError::Http)?;
+        let sent = match (call.method, body) {
+            (Method::Get, None) => self.agent.get(url).header("Authorization", auth).call(),
+            (Method::Delete, None) => self.agent.delete(url).header("Authorization", auth).call(),
+            (Method::Post, None) => self
+                .agent
+                .post(url)
+                .header("Authorization", auth)
+                .send_empty(),
+            (Method::Post, Some(body)) => self
+                .agent
+                .post(url)
+                .header("Authorization", auth)
+                .header("Content-Type", "application/json")
+                .send(&body[..]),
+            (m, Some(_)) => {
+                return Err(ClientError::Http(format!(
+                    "{m:?} {}: this method takes no body",
+                    call.path
+                )))
             }
-            other => ClientError::Http(other.to_string()),
-        })?;
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
-            resp.body_mut()
-                .read_json::<T>()
-                .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
-        } else {
-            let text = resp.body_mut().read_to_string().unwrap_or_default();
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|b| b.error)
-                .unwrap_or(text);
-            Err(ClientError::Refused { status, message })
-        }
-    }
-
-    fn auth(&self) -> String {
-        format!("Bearer {}", self.token.expose())
-    }
-
-    /// `GET path` and the JSON answer.
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    /// `POST path` with `body` as JSON (or nothing) and the JSON answer.
-    fn post<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        body: Option<&impl serde::Serialize>,
-    ) -> Result<T, ClientError> {
-        let request = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", self.auth());
-        let r = match body {
-            Some(b) => request.send_json(b),
-            None => request.send_empty(),
         };
-        self.finish(r)
-    }
-
-    /// `GET /metrics`: the Prometheus text.
-    pub fn metrics(&self) -> Result<String, ClientError> {
-        let r = self
-            .agent
-            .get(format!("{}/metrics", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        let mut resp = r.map_err(|e| match e {
+        let mut resp = sent.map_err(|e| match e {
             ureq::Error::Io(_) | ureq::Error::ConnectionFailed => {
                 ClientError::Unreachable(self.base.clone())
             }
             other => ClientError::Http(other.to_string()),
         })?;
         let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError::Http(format!("reading the answer: {e}")))?;
         if (200..300).contains(&status) {
-            Ok(text)
-        } else {
-            Err(ClientError::Refused {
+            return Ok(text);
+        }
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ClientError::Refused {
                 status,
-                message: text,
-            })
-        }
-    }
-
-    pub fn health(&self) -> Result<Health, ClientError> {
-        self.get("/v1/health")
-    }
-
-    /// One page of the devices `query` selects.
-    pub fn list_page(
-        &self,
-        query: &crate::model::DeviceQuery,
-    ) -> Result<crate::model::DevicePage, ClientError> {
-        let mut params: Vec<(&str, String)> = Vec::new();
-        if let Some(t) = &query.device_type {
-            params.push(("type", t.clone()));
-        }
-        if let Some(s) = query.status {
-            params.push(("status", s.as_str().to_string()));
-        }
-        if let Some(l) = &query.label {
-            params.push(("label", l.clone()));
-        }
-        if let Some(a) = &query.after {
-            params.push(("after", a.clone()));
-        }
-        if let Some(n) = query.limit {
-            params.push(("limit", n.to_string()));
-        }
-        let r = self
-            .agent
-            .get(format!("{}/v1/devices", self.base))
-            .query_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    /// Every device `query` selects, page after page.
-    pub fn list(&self, query: &crate::model::DeviceQuery) -> Result<Vec<Device>, ClientError> {
-        let mut query = query.clone();
-        let mut all = Vec::new();
-        loop {
-            let page = self.list_page(&query)?;
-            all.extend(page.devices);
-            match page.next_after {
-                Some(next) => query.after = Some(next),
-                None => return Ok(all),
-            }
-        }
-    }
-
-    /// The device's record and its live sessions.
-    pub fn show(&self, id: &str) -> Result<super::DeviceView, ClientError> {
-        self.get(&format!("/v1/devices/{id}"))
-    }
-
-    pub fn enroll(&self, devices: Vec<Enrollment>) -> Result<Vec<Device>, ClientError> {
-        self.post("/v1/devices", Some(&EnrollRequest { devices }))
-    }
-
-    pub fn set_status(&self, id: &str, status: DeviceStatus) -> Result<Device, ClientError> {
-        let verb = match status {
-            DeviceStatus::Active => "resume",
-            DeviceStatus::Suspended => "suspend",
-            DeviceStatus::Revoked => "revoke",
-        };
-        self.post(&format!("/v1/devices/{id}/{verb}"), None::<&()>)
-    }
-
-    /// Live sessions that `filter` selects (device ids, types and routes are tokens: no
-    /// escaping needed).
-    pub fn sessions(
-        &self,
-        filter: &crate::session::table::Filter,
-    ) -> Result<Vec<crate::session::table::LiveSession>, ClientError> {
-        let query: Vec<String> = [
-            ("device", &filter.device),
-            ("type", &filter.device_type),
-            ("route", &filter.route),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
-        .collect();
-        if query.is_empty() {
-            self.get("/v1/sessions")
-        } else {
-            self.get(&format!("/v1/sessions?{}", query.join("&")))
-        }
-    }
-
-    /// Removes one certificate from a device.
-    pub fn remove_certificate(&self, id: &str, sha256: &str) -> Result<Device, ClientError> {
-        let r = self
-            .agent
-            .delete(format!(
-                "{}/v1/devices/{id}/certificates/{sha256}",
-                self.base
-            ))
-            .header("Authorization", self.auth())
-            .call();
-        self.finish(r)
-    }
-
-    /// Ends the device's sessions (or one connection of it) with `reason`.
-    pub fn kick(
-        &self,
-        id: &str,
-        reason: &str,
-        connection: Option<&str>,
-    ) -> Result<super::Ended, ClientError> {
-        self.post(
-            &format!("/v1/devices/{id}/kick"),
-            Some(&super::KickRequest {
-                reason: reason.to_string(),
-                connection: connection.map(str::to_string),
-            }),
-        )
-    }
-
-    /// Starts draining the gateway.
-    pub fn drain(&self, grace_ms: Option<u64>) -> Result<super::DrainReport, ClientError> {
-        self.post("/v1/drain", Some(&super::DrainRequest { grace_ms }))
-    }
-
-    pub fn deadletters(&self, id: &str) -> Result<Vec<DeadLetter>, ClientError> {
-        self.get(&format!("/v1/devices/{id}/deadletters"))
-    }
-
-    pub fn rejections(&self) -> Result<Vec<RejectionCount>, ClientError> {
-        self.get("/v1/stats/rejections")
-    }
-
-    /// Limit and budget hits per (device type, route, limit); budgets at accept have type
-    /// and route `-`.
-    pub fn limit_hits(&self) -> Result<Vec<RejectionCount>, ClientError> {
-        self.get("/v1/stats/limits")
-    }
-
-    pub fn audit_verify(&self, device: Option<&str>) -> Result<Vec<AuditVerdict>, ClientError> {
-        match device {
-            Some(d) => self.get(&format!("/v1/audit/verify?device={d}")),
-            None => self.get("/v1/audit/verify"),
-        }
-    }
-
-    pub fn audit_show(&self, device: &str) -> Result<Vec<crate::audit::Record>, ClientError> {
-        self.get(&format!("/v1/audit/{device}"))
-    }
-
-    pub fn reload_schemas(&self) -> Result<Health, ClientError> {
-        self.post("/v1/schemas/reload", None::<&()>)
-    }
-
-    /// Reloads the whole runtime configuration (like SIGHUP).
-    pub fn reload(&self) -> Result<super::ReloadReport, ClientError> {
-        self.post("/v1/reload", None::<&()>)
-    }
-
-    pub fn reload_tls(&self) -> Result<Health, ClientError> {
-        self.post("/v1/tls/reload", None::<&()>)
+                code: b.code,
+                message: b.error,
+            },
+            Err(_) => ClientError::Refused {
+                status,
+                code: String::new(),
+                message: text.trim().to_string(),
+            },
+        })
     }
 }

@@ -7,7 +7,7 @@
 pub mod client;
 pub mod listener;
 
-pub use client::{AdminClient, ClientError};
+pub use client::{AdminClient, Call, ClientError, Method};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -511,6 +511,13 @@ struct AuditQuery {
     command: Option<String>,
 }
 
+/// A device id in an audit path: the same rule as enrollment, so a path can never name
+/// something else.
+fn audit_device(id: &str) -> Result<(), ApiError> {
+    gatehouse_pki::validate_device_id(id)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
 fn audit_cfg(s: &AdminState) -> Result<crate::config::AuditConfig, ApiError> {
     s.audit.clone().ok_or_else(|| {
         ApiError(
@@ -537,6 +544,7 @@ async fn audit_show(
     Path(id): Path<String>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
 ) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
+    audit_device(&id)?;
     let cfg = audit_cfg(&s)?;
     let export = audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?;
     Ok(Json(
@@ -553,6 +561,7 @@ async fn audit_export(
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::audit::Export>, ApiError> {
+    audit_device(&id)?;
     let cfg = audit_cfg(&s)?;
     Ok(Json(
         audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?,
@@ -582,6 +591,9 @@ async fn audit_verify(
         )
     })?;
     let device = q.get("device").cloned();
+    if let Some(d) = &device {
+        audit_device(d)?;
+    }
     let verdict = audit_blocking(move || {
         let key = crate::audit::load_public_key(&key_path)?;
         crate::audit::verify_dir(&cfg.dir, &key, device.as_deref())
@@ -609,6 +621,34 @@ async fn audit_verify(
     }));
     Ok(Json(out))
 }
+
+/// Every endpoint (method, path), as [`router`] routes them and docs/admin-api.md documents
+/// them; the first three need no credential.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/health"),
+    ("GET", "/v1/devices"),
+    ("POST", "/v1/devices"),
+    ("GET", "/v1/devices/{id}"),
+    ("POST", "/v1/devices/{id}/suspend"),
+    ("POST", "/v1/devices/{id}/resume"),
+    ("POST", "/v1/devices/{id}/revoke"),
+    ("DELETE", "/v1/devices/{id}/certificates/{sha256}"),
+    ("POST", "/v1/devices/{id}/kick"),
+    ("GET", "/v1/devices/{id}/deadletters"),
+    ("GET", "/v1/sessions"),
+    ("POST", "/v1/reload"),
+    ("POST", "/v1/tls/reload"),
+    ("POST", "/v1/schemas/reload"),
+    ("POST", "/v1/drain"),
+    ("GET", "/v1/stats/rejections"),
+    ("GET", "/v1/stats/limits"),
+    ("GET", "/v1/audit/{id}"),
+    ("GET", "/v1/audit/verify"),
+    ("GET", "/v1/audit/{id}/export"),
+];
 
 pub fn router(state: AdminState) -> Router {
     Router::new()

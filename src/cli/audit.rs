@@ -1,10 +1,13 @@
-//! `gatehouse audit show|verify|export`: reads the audit files directly (safe while the
-//! gateway writes them), or verifies an export file offline.
+//! `gatehouse audit show|verify|export`: through the admin API while the gateway runs, else
+//! from the audit files directly (safe while nothing writes them); or verifies an export file
+//! offline. Verification always happens here, with the public key the operator names: the
+//! gateway only supplies the records.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use gatehouse::admin::{AdminClient, Call};
 use gatehouse::audit;
 
 #[derive(Subcommand)]
@@ -42,6 +45,37 @@ pub enum AuditCommand {
     },
 }
 
+/// Where the records come from: the running gateway's admin API, or the files.
+enum Source {
+    Api(AdminClient),
+    Files(gatehouse::config::AuditConfig),
+}
+
+impl Source {
+    fn open(config: Option<&Path>) -> anyhow::Result<Self> {
+        let config = super::load(config)?;
+        let Some(audit) = config.audit.clone() else {
+            bail!("the config has no [audit] section");
+        };
+        if let Some(admin) = &config.admin {
+            if AdminClient::is_up(admin.listen) {
+                if let Some(client) = AdminClient::for_config(&config) {
+                    return Ok(Self::Api(client?));
+                }
+            }
+        }
+        Ok(Self::Files(audit))
+    }
+
+    fn export(&self, device: &str) -> anyhow::Result<audit::Export> {
+        gatehouse_pki::validate_device_id(device)?;
+        Ok(match self {
+            Self::Api(c) => c.call(Call::get(format!("/v1/audit/{device}/export")))?,
+            Self::Files(cfg) => audit::export(&cfg.dir, device)?,
+        })
+    }
+}
+
 /// The `[audit]` section of the config.
 fn audit_config(config: Option<&Path>) -> anyhow::Result<gatehouse::config::AuditConfig> {
     super::load(config)?
@@ -56,7 +90,7 @@ pub fn audit(config: Option<&Path>, command: AuditCommand) -> anyhow::Result<()>
             since,
             command,
             json,
-        } => show(&audit_config(config)?, &device, since, command, json),
+        } => show(&Source::open(config)?, &device, since, command, json),
         AuditCommand::Verify {
             device,
             all,
@@ -73,15 +107,15 @@ pub fn audit(config: Option<&Path>, command: AuditCommand) -> anyhow::Result<()>
             match file {
                 Some(file) => verify_file(&file, &public),
                 None if device.is_none() && !all => bail!("give a DEVICE, --all, or --file FILE"),
-                None => verify(&audit_config(config)?, &public, device.as_deref()),
+                None => verify(&Source::open(config)?, &public, device.as_deref()),
             }
         }
-        AuditCommand::Export { device, out } => export(&audit_config(config)?, &device, &out),
+        AuditCommand::Export { device, out } => export(&Source::open(config)?, &device, &out),
     }
 }
 
 fn show(
-    cfg: &gatehouse::config::AuditConfig,
+    source: &Source,
     device: &str,
     since: Option<String>,
     command: Option<String>,
@@ -98,8 +132,7 @@ fn show(
         ),
         None => None,
     };
-    let mut contents = audit::read_device(&cfg.dir, device)?;
-    let records = contents.records.remove(device).unwrap_or_default();
+    let records = source.export(device)?.records;
     let shown: Vec<_> = records
         .iter()
         .filter(|r| since_ms.is_none_or(|s| r.time_ms >= s))
@@ -180,12 +213,50 @@ fn verify_file(file: &Path, public: &[u8; 32]) -> anyhow::Result<()> {
     }
 }
 
-fn verify(
-    cfg: &gatehouse::config::AuditConfig,
-    public: &[u8; 32],
-    device: Option<&str>,
-) -> anyhow::Result<()> {
-    let verdict = audit::verify_dir(&cfg.dir, public, device)?;
+fn verify(source: &Source, public: &[u8; 32], device: Option<&str>) -> anyhow::Result<()> {
+    let verdict = match source {
+        Source::Files(cfg) => audit::verify_dir(&cfg.dir, public, device)?,
+        Source::Api(c) => {
+            // The gateway names the devices (and any unreadable line); each device's records
+            // are then verified here, with our key.
+            let mut verdict = audit::DirVerdict {
+                verified: Vec::new(),
+                failures: Vec::new(),
+            };
+            let names: Vec<String> = match device {
+                Some(d) => vec![d.to_string()],
+                None => {
+                    let listed: Vec<gatehouse::admin::AuditVerdict> =
+                        c.call(Call::get("/v1/audit/verify"))?;
+                    let mut names = Vec::new();
+                    for v in listed {
+                        if gatehouse_pki::validate_device_id(&v.device).is_ok() {
+                            names.push(v.device);
+                        } else {
+                            // An unreadable line: the gateway cannot say whose it is.
+                            verdict.failures.push(audit::Failure {
+                                device: v.device,
+                                seq: v.failed_seq.unwrap_or(0),
+                                reason: v.reason.unwrap_or_default(),
+                            });
+                        }
+                    }
+                    names
+                }
+            };
+            for name in names {
+                let export = source.export(&name)?;
+                if export.records.is_empty() && export.checkpoints.is_empty() {
+                    continue;
+                }
+                match audit::verify_export(&export, public) {
+                    Ok(ok) => verdict.verified.push(ok),
+                    Err(f) => verdict.failures.push(f),
+                }
+            }
+            verdict
+        }
+    };
     for v in &verdict.verified {
         println!(
             "OK     {}: {} records, signed up to {}{}",
@@ -221,8 +292,8 @@ fn verify(
     }
 }
 
-fn export(cfg: &gatehouse::config::AuditConfig, device: &str, out: &Path) -> anyhow::Result<()> {
-    let export = audit::export(&cfg.dir, device)?;
+fn export(source: &Source, device: &str, out: &Path) -> anyhow::Result<()> {
+    let export = source.export(device)?;
     if export.records.is_empty() {
         bail!("no audit records for {device}");
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use gatehouse::admin::AdminClient;
+use gatehouse::admin::{AdminClient, Call};
 use gatehouse::config::Config;
 use gatehouse::model::{Device, DeviceStatus, Enrollment, Fingerprint};
 use gatehouse::storage::{DeadLetterStore, DeviceStore, Embedded, RegistryError};
@@ -154,7 +154,8 @@ pub fn sessions(
     let Access::Admin(c) = access(config)? else {
         bail!("no gateway is running (its admin API does not answer)");
     };
-    let sessions = c.sessions(&filter)?;
+    let sessions: Vec<gatehouse::session::table::LiveSession> =
+        c.call(Call::get("/v1/sessions").query(&filter))?;
     if json {
         for s in &sessions {
             println!("{}", serde_json::to_string(s)?);
@@ -184,7 +185,7 @@ pub fn sessions(
 pub fn deadletters(config: &Config, id: &str, json: bool) -> anyhow::Result<()> {
     gatehouse_pki::validate_device_id(id)?;
     let letters = match access(config)? {
-        Access::Admin(c) => c.deadletters(id)?,
+        Access::Admin(c) => c.call(Call::get(format!("/v1/devices/{id}/deadletters")))?,
         Access::Direct(s) => {
             if s.devices.get(id).is_none() {
                 bail!(RegistryError::UnknownDevice(id.to_string()));
@@ -245,7 +246,14 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
     let set_status = |id: &str, status: DeviceStatus| -> anyhow::Result<Device> {
         gatehouse_pki::validate_device_id(id)?;
         Ok(match &access {
-            Access::Admin(c) => c.set_status(id, status)?,
+            Access::Admin(c) => {
+                let verb = match status {
+                    DeviceStatus::Active => "resume",
+                    DeviceStatus::Suspended => "suspend",
+                    DeviceStatus::Revoked => "revoke",
+                };
+                c.call(Call::post(format!("/v1/devices/{id}/{verb}")))?
+            }
             Access::Direct(s) => s.devices.set_status(id, status)?,
         })
     };
@@ -268,7 +276,11 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
                 _ => bail!("give either --id, --type and --cert, or --manifest"),
             };
             let enrolled = match &access {
-                Access::Admin(c) => c.enroll(enrollments)?,
+                Access::Admin(c) => c.call(Call::post("/v1/devices").json(
+                    &gatehouse::admin::EnrollRequest {
+                        devices: enrollments,
+                    },
+                ))?,
                 Access::Direct(s) => s.devices.enroll_many(enrollments)?,
             };
             println!("enrolled {} device(s)", enrolled.len());
@@ -296,7 +308,19 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
                 limit: None,
             };
             let all: Vec<Device> = match &access {
-                Access::Admin(c) => c.list(&query)?,
+                Access::Admin(c) => {
+                    let mut q = query.clone();
+                    let mut all = Vec::new();
+                    loop {
+                        let page: gatehouse::model::DevicePage =
+                            c.call(Call::get("/v1/devices").query(&q))?;
+                        all.extend(page.devices);
+                        match page.next_after {
+                            Some(next) => q.after = Some(next),
+                            None => break all,
+                        }
+                    }
+                }
                 Access::Direct(s) => {
                     let every = s.devices.list();
                     let mut q = query.clone();
@@ -339,7 +363,8 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
             gatehouse_pki::validate_device_id(&id)?;
             match &access {
                 Access::Admin(c) => {
-                    let view = c.show(&id)?;
+                    let view: gatehouse::admin::DeviceView =
+                        c.call(Call::get(format!("/v1/devices/{id}")))?;
                     print_device(&view.device);
                     if view.sessions.is_empty() {
                         println!("sessions     none live");
@@ -381,7 +406,9 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
                 (None, None) => bail!("give --sha256 or --cert"),
             };
             let d = match &access {
-                Access::Admin(c) => c.remove_certificate(&id, &sha256)?,
+                Access::Admin(c) => c.call(Call::delete(format!(
+                    "/v1/devices/{id}/certificates/{sha256}"
+                )))?,
                 Access::Direct(s) => s.devices.remove_certificate(&id, &sha256)?,
             };
             println!(
@@ -399,7 +426,10 @@ pub fn devices(config: &Config, command: DevicesCommand) -> anyhow::Result<()> {
             let Access::Admin(c) = &access else {
                 bail!("no gateway is running (its admin API does not answer): there are no sessions to end");
             };
-            let ended = c.kick(&id, &reason, connection.as_deref())?;
+            let ended: gatehouse::admin::Ended = c.call(
+                Call::post(format!("/v1/devices/{id}/kick"))
+                    .json(&gatehouse::admin::KickRequest { reason, connection }),
+            )?;
             println!("ended {} session(s) of {id}", ended.sessions);
         }
         DevicesCommand::Suspend { id } => {

@@ -85,6 +85,17 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Call any endpoint of the running gateway's admin API (docs/admin-api.md) and print its
+    /// answer, e.g. `gatehouse api GET '/v1/devices?type=lock'`.
+    Api {
+        /// GET, POST or DELETE.
+        method: String,
+        /// The path and query, e.g. /v1/sessions?route=telemetry.v1.
+        path: String,
+        /// A JSON request body, or @FILE to read it from a file.
+        #[arg(long)]
+        data: Option<String>,
+    },
     /// Manage the device registry (through the admin API while the gateway runs).
     Devices {
         #[command(subcommand)]
@@ -158,5 +169,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Deadletters { id, json } => devices::deadletters(&load(config)?, &id, json),
         Command::Audit { command } => audit::audit(config, command),
+        Command::Api { method, path, data } => serve::api(&load(config)?, &method, &path, data),
     }
 }

@@ -1,9 +1,9 @@
-//! `gatehouse serve`, `check` and `reload`.
+//! `gatehouse serve`, `check`, `reload`, `drain` and `api` (any admin API call).
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use gatehouse::admin::AdminClient;
+use gatehouse::admin::{AdminClient, Call};
 use gatehouse::config::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -126,7 +126,7 @@ pub fn reload(config: &Config) -> anyhow::Result<()> {
         bail!("no [admin] section: send SIGHUP to the gateway instead");
     };
     let client = client?;
-    let report = client.reload()?;
+    let report: gatehouse::admin::ReloadReport = client.call(Call::post("/v1/reload"))?;
     println!(
         "configuration, TLS material and schemas reloaded: {} route(s), {} device type(s), {} session(s) closed",
         report.routes, report.device_types, report.sessions_closed
@@ -141,10 +141,38 @@ pub fn drain(config: &Config, grace_ms: Option<u64>) -> anyhow::Result<()> {
         bail!("no [admin] section: stop the gateway with SIGTERM instead");
     };
     let client = client?;
-    let report = client.drain(grace_ms)?;
+    let report: gatehouse::admin::DrainReport =
+        client.call(Call::post("/v1/drain").json(&gatehouse::admin::DrainRequest { grace_ms }))?;
     println!(
         "draining: {} session(s) closing over {} ms; the gateway exits when they are gone",
         report.sessions, report.grace_ms
     );
+    Ok(())
+}
+
+/// `gatehouse api METHOD PATH [--data JSON|@FILE]`: one call, its answer on stdout (JSON
+/// pretty-printed); a refusal is the command's error, with the API's code and message.
+pub fn api(config: &Config, method: &str, path: &str, data: Option<String>) -> anyhow::Result<()> {
+    let Some(client) = AdminClient::for_config(config) else {
+        bail!("no [admin] section: the gateway has no admin API");
+    };
+    if !path.starts_with('/') {
+        bail!("path {path:?} must start with / (e.g. /v1/devices)");
+    }
+    let mut call = Call::new(method.parse()?, path);
+    if let Some(data) = data {
+        let text = match data.strip_prefix('@') {
+            Some(file) => {
+                std::fs::read_to_string(file).with_context(|| format!("--data @{file}"))?
+            }
+            None => data,
+        };
+        call = call.json_text(&text);
+    }
+    let text = client?.call_text(call)?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Err(_) => print!("{text}"),
+    }
     Ok(())
 }

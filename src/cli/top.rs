@@ -9,9 +9,9 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::bail;
-use gatehouse::admin::AdminClient;
+use gatehouse::admin::{AdminClient, Call};
 use gatehouse::config::Config;
-use gatehouse::session::table::{Filter, LiveSession};
+use gatehouse::session::table::LiveSession;
 
 /// Busiest devices shown.
 const BUSIEST: usize = 10;
@@ -323,8 +323,8 @@ pub fn render(target: &str, before: &Sample, now: &Sample, seconds: f64) -> Stri
 
 fn sample(client: &AdminClient) -> anyhow::Result<Sample> {
     Ok(Sample {
-        metrics: Exposition::parse(&client.metrics()?),
-        sessions: client.sessions(&Filter::default())?,
+        metrics: Exposition::parse(&client.call_text(Call::get("/metrics"))?),
+        sessions: client.call(Call::get("/v1/sessions"))?,
     })
 }
 

@@ -567,6 +567,28 @@ impl Gateway {
         )
     }
 
+    /// One admin API call, decoded as `T` (off the runtime: the client blocks).
+    pub async fn api<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        call: gatehouse::admin::Call,
+    ) -> Result<T, gatehouse::admin::ClientError> {
+        let client = self.admin_client();
+        tokio::task::spawn_blocking(move || client.call(call))
+            .await
+            .unwrap()
+    }
+
+    /// One admin API call, its answer as text.
+    pub async fn api_text(
+        &self,
+        call: gatehouse::admin::Call,
+    ) -> Result<String, gatehouse::admin::ClientError> {
+        let client = self.admin_client();
+        tokio::task::spawn_blocking(move || client.call_text(call))
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         within(self.task).await.unwrap();
