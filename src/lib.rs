@@ -17,6 +17,7 @@
 //! - [`config`]: the TOML file layer, the validated startup and runtime layers, defaults.
 //! - [`storage`]: the `DeviceStore` and `DeadLetterStore` traits and their sled
 //!   implementations, the registry's in-memory index and change feed.
+//! - [`cluster`]: the same stores on NATS JetStream, shared by several gateways.
 //! - [`audit`]: the audit writer thread (segment files, group commit) and reader.
 //! - [`net`]: rustls configs, the backend connector, session worker runtimes.
 //! - [`session`]: one connection: handshake, frame steps, relay, lifecycle.
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod admission;
 pub mod audit;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod frames;

@@ -44,6 +44,8 @@ pub enum ServerError {
     Workers(std::io::Error),
     #[error("admin listener TLS: {0}")]
     AdminTls(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -67,7 +69,7 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Loads everything that can fail on bad files. Binds nothing.
-    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
+    pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let runtime = &config.runtime;
         let tls = Arc::new(TlsState::load(&runtime.tls)?);
         if runtime.tls.crls.is_empty() {
@@ -78,8 +80,29 @@ impl Server {
             // Devices of these types are refused on these routes (500 no-schema); say so now.
             tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
         }
-        let storage = Embedded::open(&config.registry_path, config.deadletter.per_device)?;
-        let deadletter_store: Arc<dyn DeadLetterStore> = storage.dead_letters;
+        let (registry, deadletter_store): (Arc<dyn DeviceStore>, Arc<dyn DeadLetterStore>) =
+            match &config.stores {
+                crate::config::Stores::Embedded { registry_path } => {
+                    let storage = Embedded::open(registry_path, config.deadletter.per_device)?;
+                    (storage.devices, storage.dead_letters)
+                }
+                crate::config::Stores::Cluster(c) => {
+                    let cluster = crate::cluster::Cluster::connect(c).await?;
+                    tracing::info!(servers = ?c.servers, cluster.name = %c.name, replicas = c.replicas, "cluster stores on NATS JetStream");
+                    (
+                        Arc::new(
+                            crate::cluster::NatsRegistry::open(&cluster, shutdown.clone()).await?,
+                        ),
+                        Arc::new(
+                            crate::cluster::NatsDeadLetters::open(
+                                &cluster,
+                                config.deadletter.per_device,
+                            )
+                            .await?,
+                        ),
+                    )
+                }
+            };
         let (deadletters, writer) =
             crate::storage::deadletter::writer(deadletter_store.clone(), shutdown.clone());
         let live: LiveHandle = Arc::new(ArcSwap::from_pointee(Live::build(
@@ -127,7 +150,7 @@ impl Server {
             config,
             live,
             tls,
-            storage.devices,
+            registry,
             frames,
             shutdown,
         ));
@@ -575,7 +598,7 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listen = config.listen;
     let admin_addr: Option<SocketAddr> = config.admin.as_ref().map(|a| a.listen);
-    let server = Server::new(config, shutdown)?;
+    let server = Server::new(config, shutdown).await?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -307,7 +307,7 @@ async fn start_gateway(
     let config_path = dir.join("gatehouse.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = gatehouse::Config::load(&config_path)?;
-    let server = gatehouse::Server::new(config, shutdown.clone())?;
+    let server = gatehouse::Server::new(config, shutdown.clone()).await?;
     let registry = server.registry();
     let dead_letters = server.deadletters();
     let mut all: Vec<Enrollment> = pki

@@ -151,6 +151,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::TypeMismatch { .. }
             | RegistryError::FingerprintInUse { .. }
             | RegistryError::RevokedIsFinal(_) => StatusCode::CONFLICT,
+            RegistryError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

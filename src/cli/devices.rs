@@ -9,7 +9,7 @@ use clap::Subcommand;
 use gatehouse::admin::{AdminClient, Call};
 use gatehouse::config::Config;
 use gatehouse::model::{Device, DeviceStatus, Enrollment, Fingerprint};
-use gatehouse::storage::{DeadLetterStore, DeviceStore, Embedded, RegistryError};
+use gatehouse::storage::{Embedded, RegistryError};
 
 use super::rfc3339;
 
@@ -81,7 +81,39 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// The registry, through the admin API when a gateway runs, or opened directly.
 enum Access {
     Admin(AdminClient),
-    Direct(Embedded),
+    Direct(Direct),
+}
+
+/// The stores opened by the CLI itself: sled, or the cluster's buckets (on a runtime of
+/// the CLI's own, kept for as long as the stores are used).
+struct Direct {
+    devices: std::sync::Arc<dyn gatehouse::storage::DeviceStore>,
+    dead_letters: std::sync::Arc<dyn gatehouse::storage::DeadLetterStore>,
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Opens the cluster's registry and dead letters from the CLI (no gateway needed: any
+/// change reaches the running gateways through the bucket's watch).
+fn open_cluster(
+    cluster: &gatehouse::config::cluster::ClusterConfig,
+    per_device: usize,
+) -> anyhow::Result<Direct> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (devices, dead_letters) = runtime.block_on(async {
+        let c = gatehouse::cluster::Cluster::connect(cluster).await?;
+        let devices = gatehouse::cluster::NatsRegistry::open(&c, shutdown).await?;
+        let dead_letters = gatehouse::cluster::NatsDeadLetters::open(&c, per_device).await?;
+        Ok::<_, gatehouse::cluster::ClusterError>((devices, dead_letters))
+    })?;
+    Ok(Direct {
+        devices: std::sync::Arc::new(devices),
+        dead_letters: std::sync::Arc::new(dead_letters),
+        _runtime: Some(runtime),
+    })
 }
 
 fn access(config: &Config) -> anyhow::Result<Access> {
@@ -92,8 +124,18 @@ fn access(config: &Config) -> anyhow::Result<Access> {
             }
         }
     }
-    match Embedded::open(&config.registry_path, config.deadletter.per_device) {
-        Ok(r) => Ok(Access::Direct(r)),
+    let registry_path = match &config.stores {
+        gatehouse::config::Stores::Cluster(c) => {
+            return Ok(Access::Direct(open_cluster(c, config.deadletter.per_device)?))
+        }
+        gatehouse::config::Stores::Embedded { registry_path } => registry_path,
+    };
+    match Embedded::open(registry_path, config.deadletter.per_device) {
+        Ok(r) => Ok(Access::Direct(Direct {
+            devices: r.devices,
+            dead_letters: r.dead_letters,
+            _runtime: None,
+        })),
         Err(RegistryError::Locked(path)) => bail!(
             "registry {} is held by a running gateway, and {}",
             path.display(),

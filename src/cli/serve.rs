@@ -73,7 +73,18 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         tls.current().crls.len(),
         stale
     );
-    println!("  registry          {}", config.registry_path.display());
+    match &config.stores {
+        gatehouse::config::Stores::Embedded { registry_path } => {
+            println!("  registry          {}", registry_path.display())
+        }
+        gatehouse::config::Stores::Cluster(c) => println!(
+            "  cluster           {} as {:?}, {} replica(s), prefix {:?}",
+            c.servers.join(", "),
+            c.name,
+            c.replicas,
+            c.prefix
+        ),
+    }
     if let Some(audit) = &config.audit {
         println!("  audit log         {}", audit.dir.display());
     }

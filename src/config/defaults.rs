@@ -148,3 +148,25 @@ pub const DEFAULT_SOURCE_CONNECTIONS: u32 = 10_000;
 /// Sessions one device may hold at once across all routes: 8 (with the default `takeover`
 /// a device has at most one per route).
 pub const DEFAULT_SESSIONS_PER_DEVICE: usize = 8;
+
+/// JetStream replicas of every cluster bucket and stream: 3, so one NATS node can be lost
+/// without losing a write (a majority of 3 acknowledges each one).
+pub const DEFAULT_CLUSTER_REPLICAS: usize = 3;
+
+/// Prefix of the cluster's bucket and stream names: several fleets can share one NATS
+/// deployment under different prefixes.
+pub const DEFAULT_CLUSTER_PREFIX: &str = "gatehouse";
+
+/// How long handshakes go on from the cached registry index while NATS is unreachable: 5 min.
+/// Long enough to ride out a NATS restart or a short partition; past it, a suspension made
+/// elsewhere might not have reached this gateway, so new sessions are refused (503) rather
+/// than admitted on a stale record.
+pub const DEFAULT_CLUSTER_MAX_STALENESS: Duration = Duration::from_secs(300);
+
+/// Lifetime of a session-ownership entry (the ownership bucket's max age): 15 s. Owners
+/// refresh their entries every third of it; a gateway that dies holds its devices for at most
+/// this long.
+pub const DEFAULT_CLUSTER_OWNERSHIP_TTL: Duration = Duration::from_secs(15);
+
+/// Time to reach NATS at startup, and for one request (a write, an acknowledgement): 5 s.
+pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_secs(5);

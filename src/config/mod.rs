@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod cluster;
 pub mod defaults;
 pub mod schemas;
 pub mod template;
@@ -51,7 +52,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub server: FileServer,
     pub tls: FileTls,
-    pub registry: FileRegistry,
+    /// The embedded registry; a `[cluster]` keeps it in NATS instead.
+    pub registry: Option<FileRegistry>,
+    pub cluster: Option<cluster::FileCluster>,
     pub admin: Option<FileAdmin>,
     #[serde(default)]
     pub websocket: FileWebSocket,
@@ -442,7 +445,8 @@ pub struct Config {
     /// Per source address budgets, checked at accept.
     pub sources: crate::admission::sources::SourceRules,
     pub shutdown_grace: Duration,
-    pub registry_path: PathBuf,
+    /// Where the stores live: the embedded sled registry, or the NATS cluster.
+    pub stores: Stores,
     pub deadletter: DeadLetterConfig,
     /// The audit log's storage and signing key.
     pub audit: Option<AuditConfig>,
@@ -450,6 +454,24 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// The file this was loaded from: what a reload reads again.
     pub source: Option<PathBuf>,
+}
+
+/// Where the registry, dead letters, audit log and session ownership live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stores {
+    /// sled at this path (registry and dead letters) and the audit segment files: one node.
+    Embedded { registry_path: PathBuf },
+    /// NATS JetStream, shared by every gateway configured with it.
+    Cluster(cluster::ClusterConfig),
+}
+
+impl Stores {
+    pub fn cluster(&self) -> Option<&cluster::ClusterConfig> {
+        match self {
+            Stores::Cluster(c) => Some(c),
+            Stores::Embedded { .. } => None,
+        }
+    }
 }
 
 /// What may change while the gateway runs: TLS material, routes and their backends, schemas,
@@ -528,6 +550,22 @@ impl Config {
                 "schemas.max_depth must be between 1 and {MAX_DEPTH_LIMIT}"
             )));
         }
+        let stores = match (file.registry, file.cluster) {
+            (Some(r), None) => Stores::Embedded {
+                registry_path: at((), base).path(&r.path),
+            },
+            (None, Some(c)) => Stores::Cluster(cluster::ClusterConfig::try_from(at(c, base))?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "[registry] and [cluster] are both given: a cluster gateway keeps its registry in NATS; remove [registry]",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "no [registry] section: give [registry] path = \"registry\" (embedded), or a [cluster] section",
+                ))
+            }
+        };
         let (deadletter, dead_letter_payload_bytes) = dead_letters(file.deadletter)?;
         let device_limits = limit_table(file.limits, &websocket)?;
         let (audit, commands) = match file.audit {
@@ -544,7 +582,7 @@ impl Config {
             max_handshakes: server.max_handshakes,
             sources: server.sources,
             shutdown_grace: server.shutdown_grace,
-            registry_path: at((), base).path(&file.registry.path),
+            stores,
             deadletter,
             audit,
             admin,
@@ -593,8 +631,11 @@ impl Config {
         if self.shutdown_grace != next.shutdown_grace {
             changed.push("server.shutdown_grace_ms");
         }
-        if self.registry_path != next.registry_path {
-            changed.push("registry.path");
+        if self.stores != next.stores {
+            changed.push(match (&self.stores, &next.stores) {
+                (Stores::Embedded { .. }, Stores::Embedded { .. }) => "registry.path",
+                _ => "[cluster]",
+            });
         }
         // Read once, by tasks started with the gateway.
         if self.runtime.tls.crl_refresh != next.runtime.tls.crl_refresh {

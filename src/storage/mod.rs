@@ -44,6 +44,9 @@ pub enum RegistryError {
     FingerprintInUse { sha256: String, other: String },
     #[error("device {0:?} is revoked; revocation is final, enroll the device under a new id")]
     RevokedIsFinal(String),
+    /// The replicated store cannot be reached (or did not answer in time): nothing changed.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl RegistryError {
@@ -88,6 +91,11 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), RegistryError>;
     /// Every change from now on: a device's status or certificates changed.
     fn subscribe(&self) -> broadcast::Receiver<DeviceChange>;
+    /// How long the index may have been missing changes made elsewhere: `None` when it is
+    /// known current (always, for an embedded store), the length of the outage otherwise.
+    fn stale_for(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Rejected frames, the last N per device. Blocking calls.

@@ -30,6 +30,8 @@ pub type Connected = (
     tokio_tungstenite::tungstenite::handshake::client::Response,
 );
 
+pub mod nats;
+
 /// Upper bound for any single wait in a test, so a bug fails the test instead of hanging it.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -256,6 +258,7 @@ pub async fn dead_addr() -> SocketAddr {
     addr
 }
 
+#[derive(Clone)]
 pub struct RouteSpec {
     pub subprotocol: &'static str,
     pub kind: &'static str,
@@ -285,6 +288,11 @@ pub struct Options {
     pub server_extra: String,
     /// More keys for the [admin] section.
     pub admin_extra: String,
+    /// A `[cluster]` section in place of `[registry]` (see `nats::NatsCluster::section`).
+    pub cluster: Option<String>,
+    /// The CA to issue the server certificate from (several gateways of one fleet share it);
+    /// a fresh one when absent.
+    pub ca: Option<Arc<CertificateAuthority>>,
 }
 
 impl Options {
@@ -303,6 +311,8 @@ impl Options {
             tail: String::new(),
             server_extra: String::new(),
             admin_extra: String::new(),
+            cluster: None,
+            ca: None,
         }
     }
 }
@@ -314,7 +324,7 @@ pub struct Gateway {
     pub admin_token: String,
     pub config_path: PathBuf,
     pub dir: tempfile::TempDir,
-    pub ca: CertificateAuthority,
+    pub ca: Arc<CertificateAuthority>,
     pub registry: Arc<dyn DeviceStore>,
     pub tls: Arc<gatehouse::net::tls::TlsState>,
     pub deadletters: Arc<dyn gatehouse::storage::DeadLetterStore>,
@@ -333,7 +343,7 @@ pub fn device_options() -> DeviceCertOptions {
 /// A test directory with certificates, CRL, admin token and a config file.
 pub struct Prepared {
     pub dir: tempfile::TempDir,
-    pub ca: CertificateAuthority,
+    pub ca: Arc<CertificateAuthority>,
     pub config_path: PathBuf,
     pub admin_token: String,
 }
@@ -342,7 +352,9 @@ pub struct Prepared {
 pub fn prepare(options: &Options) -> Prepared {
     let dir = tempfile::tempdir().unwrap();
 
-    let ca = CertificateAuthority::generate("Test CA", time::Duration::days(30)).unwrap();
+    let ca = options.ca.clone().unwrap_or_else(|| {
+        Arc::new(CertificateAuthority::generate("Test CA", time::Duration::days(30)).unwrap())
+    });
     let server = ca
         .issue_server(
             &["localhost".into()],
@@ -391,8 +403,7 @@ stale_crl = "{stale}"
 session_resumption = {resume}
 crl_refresh_ms = 3600000
 
-[registry]
-path = "registry"
+{stores}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -425,6 +436,10 @@ connect_timeout_ms = {connect}
         tail = options.tail,
         server_extra = options.server_extra,
         admin_extra = options.admin_extra,
+        stores = options
+            .cluster
+            .clone()
+            .unwrap_or_else(|| "[registry]\npath = \"registry\"\n".into()),
     );
     let mut text = text;
     if let Some(extra) = &options.audit {
@@ -456,7 +471,7 @@ impl Gateway {
         let config = gatehouse::Config::load(&config_path).unwrap();
 
         let shutdown = CancellationToken::new();
-        let server = Server::new(config, shutdown.clone()).unwrap();
+        let server = Server::new(config, shutdown.clone()).await.unwrap();
         let registry = server.registry();
         let tls = server.tls();
         let deadletters = server.deadletters();

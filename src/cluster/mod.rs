@@ -1,0 +1,165 @@
+//! The cluster stores: several gateways share their registry (and, in later parts, CRLs,
+//! session ownership, audit chains and dead letters) through NATS JetStream, an existing
+//! replicated engine: key-value buckets with watches and compare-and-set on revisions, and
+//! streams. Nothing here is a consensus or replication scheme of our own. Each store is a
+//! second implementation of a `storage` trait; the sessions do not know which one they use.
+//!
+//! [`Cluster::connect`] opens one NATS connection per gateway and tracks whether it is up, so
+//! every store can say how stale its cached view may be (`DeviceStore::stale_for`).
+
+pub mod deadletters;
+pub mod registry;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+
+use crate::config::cluster::ClusterConfig;
+
+pub use deadletters::NatsDeadLetters;
+pub use registry::NatsRegistry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {servers}: {reason}")]
+    Connect { servers: String, reason: String },
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("cluster.credentials {path}: {reason}")]
+    Credentials { path: String, reason: String },
+}
+
+/// Whether the NATS connection is up, and since when it is not.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    down_since: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Link {
+    fn set(&self, up: bool) {
+        let mut down = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (up, *down) {
+            (true, _) => *down = None,
+            (false, None) => *down = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// How long the connection has been down; `None` while it is up.
+    pub fn down_for(&self) -> Option<Duration> {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
+/// One gateway's connection to the cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub config: ClusterConfig,
+    pub link: Link,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("servers", &self.config.servers)
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects to the NATS servers of `config` (failing after `cluster.timeout_ms` when none
+    /// answers: a gateway without its registry cannot admit anyone). Once connected, the
+    /// client reconnects by itself, for ever; [`Link`] tracks the outages.
+    pub async fn connect(config: &ClusterConfig) -> Result<Self, ClusterError> {
+        let link = Link::default();
+        let events = link.clone();
+        let name = config.name.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("gatehouse {}", config.name))
+            .connection_timeout(config.timeout)
+            .request_timeout(Some(config.timeout))
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let events = events.clone();
+                let name = name.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            events.set(true);
+                            tracing::info!(cluster.name = %name, "NATS connection up");
+                        }
+                        async_nats::Event::Disconnected => {
+                            events.set(false);
+                            tracing::warn!(cluster.name = %name, "NATS connection lost; reconnecting");
+                        }
+                        other => tracing::info!(cluster.name = %name, event = %other, "NATS event"),
+                    }
+                }
+            });
+        if let Some(path) = &config.credentials {
+            options = options.credentials_file(path).await.map_err(|e| {
+                ClusterError::Credentials {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        if let Some(ca) = &config.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &config.tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let servers: Vec<async_nats::ServerAddr> = config
+            .servers
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let client = tokio::time::timeout(config.timeout * 2, options.connect(servers))
+            .await
+            .map_err(|_| ClusterError::Connect {
+                servers: config.servers.join(", "),
+                reason: format!("no answer in {} ms", (config.timeout * 2).as_millis()),
+            })?
+            .map_err(|e| ClusterError::Connect {
+                servers: config.servers.join(", "),
+                reason: e.to_string(),
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.timeout);
+        Ok(Self {
+            client,
+            js,
+            config: config.clone(),
+            link,
+        })
+    }
+
+    /// The key-value bucket `{prefix}-{what}`, created with `config` when it does not exist
+    /// yet (every gateway asks for the same configuration, so concurrent creation is
+    /// harmless).
+    pub async fn bucket(&self, what: &str, config: kv::Config) -> Result<kv::Store, ClusterError> {
+        let name = self.config.name_of(what);
+        if let Ok(store) = self.js.get_key_value(&name).await {
+            return Ok(store);
+        }
+        let config = kv::Config {
+            bucket: name.clone(),
+            num_replicas: self.config.replicas,
+            ..config
+        };
+        match self.js.create_key_value(config).await {
+            Ok(store) => Ok(store),
+            Err(create) => self.js.get_key_value(&name).await.map_err(|_| {
+                ClusterError::Nats(format!("bucket {name}: {create}"))
+            }),
+        }
+    }
+}

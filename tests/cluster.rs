@@ -1,0 +1,151 @@
+//! Several gateways, one fleet: three gateways on a three-node NATS JetStream cluster (all on
+//! loopback, free ports, started and stopped by the test) share the registry. Needs
+//! `nats-server` (`.ci/run` installs it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::nats::NatsCluster;
+use common::*;
+use gatehouse::admin::Call;
+use gatehouse::model::{Device, Enrollment};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn close_of<S>(ws: &mut S) -> (u16, String)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match next_msg(ws).await {
+            Message::Close(Some(f)) => return (f.code.into(), f.reason.to_string()),
+            Message::Close(None) => panic!("close without a code"),
+            _ => continue,
+        }
+    }
+}
+
+/// Three gateways named a, b, c on `nats`, one CA, the same routes.
+async fn gateways(nats: &NatsCluster, routes: Vec<RouteSpec>) -> Vec<Gateway> {
+    let ca = Arc::new(
+        gatehouse_pki::CertificateAuthority::generate("Fleet CA", time::Duration::days(30))
+            .unwrap(),
+    );
+    let mut out = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut options = Options::new(routes.clone());
+        options.cluster = Some(nats.section(name, 3));
+        options.ca = Some(ca.clone());
+        out.push(Gateway::start(options).await);
+    }
+    out
+}
+
+/// Enrolls through `gw`'s admin API (as `gatehouse devices enroll` does).
+async fn enroll(gw: &Gateway, id: &str, device_type: &str) -> gatehouse_pki::IssuedCert {
+    let cert = gw.issue(id);
+    let _: Vec<Device> = gw
+        .api(Call::post("/v1/devices").json(&gatehouse::admin::EnrollRequest {
+            devices: vec![Enrollment {
+                id: id.into(),
+                device_type: device_type.into(),
+                sha256: cert.fingerprint_hex(),
+                labels: Default::default(),
+            }],
+        }))
+        .await
+        .unwrap();
+    cert
+}
+
+/// Waits until `gw`'s index knows `id` (the watch delivered it).
+async fn known(gw: &Gateway, id: &str) {
+    within(async {
+        while gw.registry.get(id).is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_enrolled_through_one_gateway_connects_through_another_and_a_suspend_elsewhere_closes_it(
+) {
+    let nats = NatsCluster::start(3).await;
+    let mut ingest = Backend::start().await;
+    let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+
+    let sensor = enroll(a, "sensor-1", "env-sensor").await;
+    known(c, "sensor-1").await;
+    let (mut dev, _) = c.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be = ingest.next().await;
+    futures_util::SinkExt::send(&mut dev, Message::text(reading(1)))
+        .await
+        .unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+
+    // Suspended through b: the session on c closes with 4001 within a second.
+    let asked = Instant::now();
+    let _: Device = b
+        .api(Call::post("/v1/devices/sensor-1/suspend"))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&mut dev).await.0, 4001);
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "closed after {took:?}");
+    // And no gateway admits it now.
+    for gw in &gws {
+        assert_refused(
+            gw.connect(Some(&sensor), &["telemetry.v1"]).await,
+            403,
+            "device-suspended",
+        );
+    }
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
+/// Two gateways enrolling one certificate for two devices at once: exactly one wins, the
+/// other is told which device holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways() {
+    let nats = NatsCluster::start(3).await;
+    let ingest = Backend::start().await;
+    let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
+    let cert = gws[0].issue("x");
+    let body = |id: &str| {
+        Call::post("/v1/devices").json(&gatehouse::admin::EnrollRequest {
+            devices: vec![Enrollment {
+                id: id.into(),
+                device_type: "env-sensor".into(),
+                sha256: cert.fingerprint_hex(),
+                labels: Default::default(),
+            }],
+        })
+    };
+    let (first, second) = tokio::join!(
+        gws[0].api::<Vec<Device>>(body("dev-a")),
+        gws[1].api::<Vec<Device>>(body("dev-b")),
+    );
+    let (won, lost) = match (first, second) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        other => panic!("exactly one enrollment must win: {other:?}"),
+    };
+    assert!(
+        matches!(&lost, gatehouse::admin::ClientError::Refused { status: 409, .. }),
+        "{lost:?}"
+    );
+    let winner = won[0].id.clone();
+    for gw in &gws {
+        known(gw, &winner).await;
+        let loser = if winner == "dev-a" { "dev-b" } else { "dev-a" };
+        assert!(gw.registry.get(loser).is_none());
+    }
+    for gw in gws {
+        gw.stop().await;
+    }
+}
