@@ -80,6 +80,7 @@ impl Server {
             // Devices of these types are refused on these routes (500 no-schema); say so now.
             tracing::warn!(route = %route, device.r#type = %device_type, file = %file, "route allows a device type without the schema it needs: its devices will be refused");
         }
+        let mut cluster = None;
         let (registry, deadletter_store): (Arc<dyn DeviceStore>, Arc<dyn DeadLetterStore>) =
             match &config.stores {
                 crate::config::Stores::Embedded { registry_path } => {
@@ -87,7 +88,8 @@ impl Server {
                     (storage.devices, storage.dead_letters)
                 }
                 crate::config::Stores::Cluster(c) => {
-                    let cluster = crate::cluster::Cluster::connect(c).await?;
+                    let connected = crate::cluster::Cluster::connect(c).await?;
+                    let cluster = cluster.insert(connected);
                     tracing::info!(servers = ?c.servers, cluster.name = %c.name, replicas = c.replicas, "cluster stores on NATS JetStream");
                     (
                         Arc::new(
@@ -152,8 +154,13 @@ impl Server {
             tls,
             registry,
             frames,
-            shutdown,
+            shutdown.clone(),
         ));
+        if let Some(cluster) = &cluster {
+            let ownership =
+                crate::cluster::Ownership::open(cluster, shared.sessions.clone(), shutdown).await?;
+            let _ = shared.ownership.set(ownership);
+        }
         Ok(Self {
             shared,
             tracker: TaskTracker::new(),

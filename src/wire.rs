@@ -227,6 +227,10 @@ pub enum Refusal {
     },
     /// Every session slot (`server.max_connections`) is taken.
     OverCapacity,
+    /// The cluster registry has missed changes for longer than `cluster.max_staleness_ms`
+    /// (NATS unreachable): admitting on a record that may have been suspended elsewhere is
+    /// refused.
+    RegistryUnavailable,
 }
 
 impl Refusal {
@@ -247,7 +251,10 @@ impl Refusal {
             Refusal::HeadersTooLarge => 431,
             Refusal::NoSchema { .. } => 500,
             Refusal::BackendUnavailable => 502,
-            Refusal::ShuttingDown | Refusal::Draining | Refusal::OverCapacity => 503,
+            Refusal::ShuttingDown
+            | Refusal::Draining
+            | Refusal::OverCapacity
+            | Refusal::RegistryUnavailable => 503,
         }
     }
 
@@ -273,6 +280,7 @@ impl Refusal {
             Refusal::SessionOpen { .. } => "session-open",
             Refusal::TooManySessions { .. } => "too-many-sessions",
             Refusal::OverCapacity => "over-capacity",
+            Refusal::RegistryUnavailable => "registry-unavailable",
         }
     }
 
@@ -323,6 +331,9 @@ impl Refusal {
                 "the gateway is at its session limit (server.max_connections); try again later"
                     .into()
             }
+            Refusal::RegistryUnavailable => {
+                "the gateway cannot reach its registry; try again later".into()
+            }
         }
     }
 
@@ -340,6 +351,7 @@ impl Refusal {
                 | Refusal::Draining
                 | Refusal::BackendUnavailable
                 | Refusal::OverCapacity
+                | Refusal::RegistryUnavailable
                 | Refusal::TooManySessions { .. }
         ) {
             extra.push_str("Retry-After: 5\r\n");

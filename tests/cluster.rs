@@ -47,14 +47,16 @@ async fn gateways(nats: &NatsCluster, routes: Vec<RouteSpec>) -> Vec<Gateway> {
 async fn enroll(gw: &Gateway, id: &str, device_type: &str) -> gatehouse_pki::IssuedCert {
     let cert = gw.issue(id);
     let _: Vec<Device> = gw
-        .api(Call::post("/v1/devices").json(&gatehouse::admin::EnrollRequest {
-            devices: vec![Enrollment {
-                id: id.into(),
-                device_type: device_type.into(),
-                sha256: cert.fingerprint_hex(),
-                labels: Default::default(),
-            }],
-        }))
+        .api(
+            Call::post("/v1/devices").json(&gatehouse::admin::EnrollRequest {
+                devices: vec![Enrollment {
+                    id: id.into(),
+                    device_type: device_type.into(),
+                    sha256: cert.fingerprint_hex(),
+                    labels: Default::default(),
+                }],
+            }),
+        )
         .await
         .unwrap();
     cert
@@ -136,7 +138,10 @@ async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways
         other => panic!("exactly one enrollment must win: {other:?}"),
     };
     assert!(
-        matches!(&lost, gatehouse::admin::ClientError::Refused { status: 409, .. }),
+        matches!(
+            &lost,
+            gatehouse::admin::ClientError::Refused { status: 409, .. }
+        ),
         "{lost:?}"
     );
     let winner = won[0].id.clone();
@@ -145,6 +150,70 @@ async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways
         let loser = if winner == "dev-a" { "dev-b" } else { "dev-a" };
         assert!(gw.registry.get(loser).is_none());
     }
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
+/// The duplicate policies hold across gateways: `takeover` on b ends the session on a within
+/// a second (4007); `reject` on c refuses while a holds one (409), and admits once it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_and_reject_hold_across_gateways() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,gatehouse=debug")
+        .try_init();
+    let nats = NatsCluster::start(3).await;
+    let mut ingest = Backend::start().await;
+    let strict = RouteSpec {
+        subprotocol: "strict.v1",
+        extra: "duplicates = \"reject\"",
+        ..telemetry_route(vec![ingest.url("/")])
+    };
+    let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")]), strict]).await;
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+    let sensor = enroll(a, "sensor-1", "env-sensor").await;
+    for gw in &gws {
+        known(gw, "sensor-1").await;
+    }
+
+    // takeover (the default): the newer session, on b, ends the one on a.
+    let (mut on_a, _) = a.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let _be_a = ingest.next().await;
+    let asked = Instant::now();
+    let (mut on_b, _) = b.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be_b = ingest.next().await;
+    let (code, reason) = close_of(&mut on_a).await;
+    assert_eq!(code, 4007, "{reason}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    futures_util::SinkExt::send(&mut on_b, Message::text(reading(2)))
+        .await
+        .unwrap();
+    assert_eq!(next_msg(&mut be_b.ws).await, Message::text(reading(2)));
+
+    // reject: a holds the strict route; c refuses the device with 409 while it does.
+    let (mut strict_a, _) = a.connect(Some(&sensor), &["strict.v1"]).await.unwrap();
+    let _be = ingest.next().await;
+    assert_refused(
+        c.connect(Some(&sensor), &["strict.v1"]).await,
+        409,
+        "session-open",
+    );
+    // Once a's session ends, c admits it (the release reaches the bucket at once).
+    futures_util::SinkExt::close(&mut strict_a).await.unwrap();
+    drop(strict_a);
+    within(async {
+        loop {
+            match c.connect(Some(&sensor), &["strict.v1"]).await {
+                Ok(conn) => return conn,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
     for gw in gws {
         gw.stop().await;
     }

@@ -350,11 +350,32 @@ async fn healthz() -> &'static str {
 
 /// `GET /readyz`: listeners bound and stores open (the admin API only starts then), and not
 /// draining: a load balancer should send new devices here.
+/// With a cluster, NATS unreachable is reported: still ready while the cached registry is
+/// within `cluster.max_staleness_ms`, not ready past it (handshakes are refused then).
 async fn readyz(State(s): State<AdminState>) -> Response {
     if s.drain.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else {
-        (StatusCode::OK, "ready\n").into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let cluster = s.gateway.config.stores.cluster();
+    match (s.registry.stale_for(), cluster) {
+        (Some(stale), Some(c)) if stale > c.max_staleness => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "registry stale: NATS unreachable for {} s (cluster.max_staleness_ms = {})\n",
+                stale.as_secs(),
+                c.max_staleness.as_millis()
+            ),
+        )
+            .into_response(),
+        (Some(stale), Some(_)) => (
+            StatusCode::OK,
+            format!(
+                "ready (NATS unreachable for {} s: serving from the cached registry)\n",
+                stale.as_secs()
+            ),
+        )
+            .into_response(),
+        _ => (StatusCode::OK, "ready\n").into_response(),
     }
 }
 

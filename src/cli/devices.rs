@@ -126,7 +126,10 @@ fn access(config: &Config) -> anyhow::Result<Access> {
     }
     let registry_path = match &config.stores {
         gatehouse::config::Stores::Cluster(c) => {
-            return Ok(Access::Direct(open_cluster(c, config.deadletter.per_device)?))
+            return Ok(Access::Direct(open_cluster(
+                c,
+                config.deadletter.per_device,
+            )?))
         }
         gatehouse::config::Stores::Embedded { registry_path } => registry_path,
     };

@@ -43,7 +43,9 @@ impl NatsDeadLetters {
             .js
             .get_or_create_stream(stream::Config {
                 name: name.clone(),
-                description: Some("gatehouse dead letters: the last rejected frames per device".into()),
+                description: Some(
+                    "gatehouse dead letters: the last rejected frames per device".into(),
+                ),
                 subjects: vec![format!("{subject_prefix}.>")],
                 max_messages_per_subject: per_device as i64,
                 discard: stream::DiscardPolicy::Old,

@@ -8,6 +8,7 @@
 //! every store can say how stale its cached view may be (`DeviceStore::stale_for`).
 
 pub mod deadletters;
+pub mod ownership;
 pub mod registry;
 
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use async_nats::jetstream::{self, kv};
 use crate::config::cluster::ClusterConfig;
 
 pub use deadletters::NatsDeadLetters;
+pub use ownership::{Claim, Ownership};
 pub use registry::NatsRegistry;
 
 #[derive(Debug, thiserror::Error)]
@@ -104,12 +106,14 @@ impl Cluster {
                 }
             });
         if let Some(path) = &config.credentials {
-            options = options.credentials_file(path).await.map_err(|e| {
-                ClusterError::Credentials {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                }
-            })?;
+            options =
+                options
+                    .credentials_file(path)
+                    .await
+                    .map_err(|e| ClusterError::Credentials {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
         }
         if let Some(ca) = &config.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -157,9 +161,11 @@ impl Cluster {
         };
         match self.js.create_key_value(config).await {
             Ok(store) => Ok(store),
-            Err(create) => self.js.get_key_value(&name).await.map_err(|_| {
-                ClusterError::Nats(format!("bucket {name}: {create}"))
-            }),
+            Err(create) => self
+                .js
+                .get_key_value(&name)
+                .await
+                .map_err(|_| ClusterError::Nats(format!("bucket {name}: {create}"))),
         }
     }
 }

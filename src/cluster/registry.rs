@@ -316,8 +316,12 @@ fn apply_entry(index: &Index, revisions: &Revisions, entry: kv::Entry) {
     }
     match serde_json::from_slice::<Device>(&entry.value) {
         Ok(d) if d.id == entry.key => record(index, revisions, d, entry.revision),
-        Ok(d) => tracing::error!(key = %entry.key, device.id = %d.id, "cluster registry record under the wrong key: ignored"),
-        Err(e) => tracing::error!(key = %entry.key, error = %e, "unreadable cluster registry record: ignored"),
+        Ok(d) => {
+            tracing::error!(key = %entry.key, device.id = %d.id, "cluster registry record under the wrong key: ignored")
+        }
+        Err(e) => {
+            tracing::error!(key = %entry.key, error = %e, "unreadable cluster registry record: ignored")
+        }
     }
 }
 
@@ -419,9 +423,7 @@ impl DeviceStore for NatsRegistry {
             .ok_or_else(|| RegistryError::UnknownDevice(id.to_string()))?;
         // The certificate is free again; a claim left behind is stale and taken over later.
         let fp = sha256.to_ascii_lowercase();
-        if let Err(e) = self.run(async {
-            self.claims.delete(&fp).await.map_err(unavailable)
-        }) {
+        if let Err(e) = self.run(async { self.claims.delete(&fp).await.map_err(unavailable) }) {
             tracing::warn!(sha256 = %fp, error = %e, "certificate claim not released (it is taken over when the certificate is enrolled again)");
         }
         Ok(device)

@@ -110,7 +110,10 @@ impl TryFrom<Section<'_, FileCluster>> for ClusterConfig {
             }
             None => default_name(),
         };
-        let prefix = c.prefix.clone().unwrap_or_else(|| DEFAULT_CLUSTER_PREFIX.into());
+        let prefix = c
+            .prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER_PREFIX.into());
         if !is_token(&prefix) || prefix.len() > 32 {
             return Err(invalid(format!(
                 "cluster.prefix = {prefix:?}: use 1-32 letters, digits, '-' or '_'"
@@ -122,7 +125,11 @@ impl TryFrom<Section<'_, FileCluster>> for ClusterConfig {
                 "cluster.replicas = {replicas}: JetStream keeps 1 to 5 replicas"
             )));
         }
-        let ownership_ttl = ms(c.ownership_ttl_ms, DEFAULT_CLUSTER_OWNERSHIP_TTL, "ownership_ttl_ms")?;
+        let ownership_ttl = ms(
+            c.ownership_ttl_ms,
+            DEFAULT_CLUSTER_OWNERSHIP_TTL,
+            "ownership_ttl_ms",
+        )?;
         if ownership_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "cluster.ownership_ttl_ms must be at least 1000: owners refresh every third of it",
@@ -142,7 +149,11 @@ impl TryFrom<Section<'_, FileCluster>> for ClusterConfig {
             name,
             replicas,
             prefix,
-            max_staleness: ms(c.max_staleness_ms, DEFAULT_CLUSTER_MAX_STALENESS, "max_staleness_ms")?,
+            max_staleness: ms(
+                c.max_staleness_ms,
+                DEFAULT_CLUSTER_MAX_STALENESS,
+                "max_staleness_ms",
+            )?,
             ownership_ttl,
             timeout: ms(c.timeout_ms, DEFAULT_CLUSTER_TIMEOUT, "timeout_ms")?,
             credentials: c.credentials.as_ref().map(|p| section.path(p)),

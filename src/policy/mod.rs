@@ -7,6 +7,7 @@
 pub mod commands;
 pub mod limits;
 pub mod liveness;
+pub mod ownership;
 pub mod rejections;
 
 use std::time::{Duration, Instant};

@@ -58,6 +58,8 @@ pub struct Upgraded {
     pub backend_url: String,
     /// The session's place in the table (entered at admission) and its handle.
     pub registration: Registration,
+    /// Its holder in the cluster's session ownership (`[cluster]` only).
+    pub claim: Option<crate::cluster::Claim>,
     pub handle: SessionHandle,
     /// Its slot of `server.max_connections`, released when the session ends.
     pub slot: tokio::sync::OwnedSemaphorePermit,
@@ -195,6 +197,21 @@ pub async fn handshake(
         }
     };
 
+    if let (Some(stale), Some(cluster)) =
+        (shared.registry.stale_for(), shared.config.stores.cluster())
+    {
+        if stale > cluster.max_staleness {
+            if shared.refusal_log.check(super::steps::now()) != LogDecision::Suppress {
+                tracing::warn!(
+                    refusal = Refusal::RegistryUnavailable.code(),
+                    stale_ms = stale.as_millis() as u64,
+                    "refused: the cluster registry is stale beyond cluster.max_staleness_ms (NATS unreachable)"
+                );
+            }
+            refuse(&mut tls, &Refusal::RegistryUnavailable).await?;
+            return Ok(Outcome::Refused(Refusal::RegistryUnavailable.code()));
+        }
+    }
     let record = shared.registry.lookup(&cert.fingerprint);
     let decision = admit(Admission {
         cert: &cert,
@@ -277,6 +294,38 @@ pub async fn handshake(
             }
         };
 
+    // Across gateways: the same policy, counted in the cluster's ownership entry.
+    let claim = match shared.ownership.get() {
+        None => None,
+        Some(ownership) => match ownership
+            .admit(&device.id, &route.subprotocol, route.duplicates, conn_id)
+            .await
+        {
+            Ok(claim) => Some(claim),
+            Err(refusal) => {
+                drop(registration);
+                shared
+                    .metrics
+                    .duplicates
+                    .get_or_create(&crate::metrics::RouteAction {
+                        route: route.subprotocol.clone(),
+                        action: "reject".to_string(),
+                    })
+                    .inc();
+                log_refusal(
+                    shared,
+                    (conn_id, peer),
+                    &refusal,
+                    Some(&device.id),
+                    &cert,
+                    resumed,
+                );
+                refuse(&mut tls, &refusal).await?;
+                return Ok(Outcome::Refused(refusal.code()));
+            }
+        },
+    };
+
     let connected = connect_backend(
         shared,
         live,
@@ -314,6 +363,7 @@ pub async fn handshake(
         route,
         backend_url,
         registration,
+        claim,
         handle,
         slot,
     })))

@@ -52,6 +52,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Every live session, with a handle to end it.
     pub sessions: Arc<table::SessionTable>,
+    /// Session ownership across gateways (`[cluster]` only), set once at startup.
+    pub ownership: std::sync::OnceLock<Arc<crate::cluster::Ownership>>,
     /// Fires when the gateway starts draining: new handshakes get 503.
     pub draining: CancellationToken,
     /// Every backend's passive health, kept across reloads.
@@ -92,10 +94,14 @@ impl Shared {
         frames: FrameServices,
         shutdown: CancellationToken,
     ) -> Self {
-        let boot_id = std::time::SystemTime::now()
+        // The start second and 16 random bits: gateways started together (several processes
+        // behind one balancer) still get different prefixes.
+        let boot_id = (std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            << 16)
+            | u64::from(fastrand::u16(..));
         let (sessions, handshakes, sources) = (
             config.max_connections.get(),
             config.max_handshakes.get(),
@@ -122,6 +128,7 @@ impl Shared {
             ),
             metrics: metrics.clone(),
             sessions: Arc::new(table::SessionTable::default()),
+            ownership: std::sync::OnceLock::new(),
             draining: CancellationToken::new(),
             backend_health: Arc::new(crate::net::backend::HealthTable::with_metrics(metrics)),
             session_slots: Arc::new(tokio::sync::Semaphore::new(sessions)),
@@ -271,6 +278,7 @@ pub async fn handle(
             route,
             backend_url,
             registration,
+            claim,
             handle,
             slot,
         } = *upgraded;
@@ -278,6 +286,9 @@ pub async fn handle(
             .metrics
             .session(&route.subprotocol, &device.device_type);
         let taken_over = registration.upgraded(&backend_url);
+        if let Some(claim) = &claim {
+            claim.upgraded(route.duplicates).await;
+        }
         if !taken_over.is_empty() {
             shared
                 .metrics

@@ -406,6 +406,13 @@ impl SessionTable {
         })
     }
 
+    /// Ends one session of `device` (by connection id) with `why`; whether it was live here.
+    pub fn end_connection(&self, device: &str, connection: &str, why: Ending) -> bool {
+        self.end_where(&Filter::device(device), |s| {
+            (s.connection == connection).then(|| why.clone())
+        }) > 0
+    }
+
     /// Applies a reloaded route table and message limit: sessions whose route is gone, or no
     /// longer takes their device type, end; the others get their route's new timers and the
     /// new limit (a larger one than the session started with cannot apply: the WebSocket

@@ -93,7 +93,8 @@ impl NatsCluster {
 
     fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", node.name))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{}.log", node.name))).unwrap();
         let child = Command::new(nats_server_binary())
             .arg("-c")
             .arg(&node.config)
@@ -133,11 +134,9 @@ impl NatsCluster {
                     node.name,
                     self.dir.path().display()
                 );
-                if let Ok(Ok(client)) = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    async_nats::connect(url.as_str()),
-                )
-                .await
+                if let Ok(Ok(client)) =
+                    tokio::time::timeout(Duration::from_secs(1), async_nats::connect(url.as_str()))
+                        .await
                 {
                     let js = async_nats::jetstream::new(client);
                     if let Ok(Ok(_)) =
