@@ -93,11 +93,11 @@ impl Server {
                     tracing::info!(servers = ?c.servers, cluster.name = %c.name, replicas = c.replicas, "cluster stores on NATS JetStream");
                     (
                         Arc::new(
-                            crate::cluster::NatsRegistry::open(&cluster, shutdown.clone()).await?,
+                            crate::cluster::NatsRegistry::open(cluster, shutdown.clone()).await?,
                         ),
                         Arc::new(
                             crate::cluster::NatsDeadLetters::open(
-                                &cluster,
+                                cluster,
                                 config.deadletter.per_device,
                             )
                             .await?,
@@ -157,9 +157,15 @@ impl Server {
             shutdown.clone(),
         ));
         if let Some(cluster) = &cluster {
-            let ownership =
-                crate::cluster::Ownership::open(cluster, shared.sessions.clone(), shutdown).await?;
-            let _ = shared.ownership.set(ownership);
+            let sessions = shared.sessions.clone();
+            let end: crate::storage::EndSession =
+                Arc::new(move |device: &str, connection: &str, why| {
+                    sessions.end_connection(device, connection, why)
+                });
+            let ownership = crate::cluster::Ownership::open(cluster, end, shutdown).await?;
+            let _ = shared
+                .ownership
+                .set(Arc::new(ownership) as Arc<dyn crate::storage::SessionOwnership>);
         }
         Ok(Self {
             shared,

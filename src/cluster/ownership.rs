@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Cluster, ClusterError};
 use crate::admission::routing::DuplicatePolicy;
 use crate::policy::ownership::{self as plan, Entry, Holder, Plan};
-use crate::session::table::SessionTable;
+use crate::storage::{EndSession, OwnershipClaim, SessionOwnership, StoreFuture};
 use crate::wire::{Ending, Refusal};
 
 /// A compare-and-set that keeps losing is given up after this many attempts.
@@ -110,10 +110,32 @@ impl Drop for Claim {
     }
 }
 
+impl OwnershipClaim for Claim {
+    fn upgraded(&self, policy: DuplicatePolicy) -> StoreFuture<'_, ()> {
+        Box::pin(self.take_over(policy))
+    }
+}
+
+impl SessionOwnership for Arc<Ownership> {
+    fn admit<'a>(
+        &'a self,
+        device: &'a str,
+        route: &'a str,
+        policy: DuplicatePolicy,
+        connection: &'a str,
+    ) -> StoreFuture<'a, Result<Box<dyn OwnershipClaim>, Refusal>> {
+        Box::pin(async move {
+            Ownership::admit(self, device, route, policy, connection)
+                .await
+                .map(|c| Box::new(c) as Box<dyn OwnershipClaim>)
+        })
+    }
+}
+
 impl Claim {
     /// At the upgrade: under `takeover` the session becomes the only holder on every
     /// gateway, and the evicted sessions' gateways are told.
-    pub async fn upgraded(&self, policy: DuplicatePolicy) {
+    async fn take_over(&self, policy: DuplicatePolicy) {
         if policy != DuplicatePolicy::Takeover {
             return;
         }
@@ -149,7 +171,7 @@ impl Ownership {
     /// the refresher and the releaser, all until `shutdown`.
     pub async fn open(
         cluster: &Cluster,
-        sessions: Arc<SessionTable>,
+        end: EndSession,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ClusterError> {
         let ttl = cluster.config.ownership_ttl;
@@ -181,7 +203,7 @@ impl Ownership {
             local: Mutex::default(),
             releases,
         });
-        let table = sessions.clone();
+        let table = end.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -192,11 +214,7 @@ impl Ownership {
                 let Some(message) = message else { return };
                 match serde_json::from_slice::<Notice>(&message.payload) {
                     Ok(n) => {
-                        if table.end_connection(
-                            &n.device,
-                            &n.connection,
-                            Ending::TakenOver(n.by.clone()),
-                        ) {
+                        if table(&n.device, &n.connection, Ending::TakenOver(n.by.clone())) {
                             tracing::info!(device.id = %n.device, conn = %n.connection, by = %n.by, "takeover on another gateway: session ended");
                         }
                     }
@@ -241,7 +259,7 @@ impl Ownership {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => this.refresh(&sessions).await,
+                    _ = tick.tick() => this.refresh(&end).await,
                 }
             }
         });
@@ -336,7 +354,7 @@ impl Ownership {
     }
 
     /// Refreshes every holder of this gateway; sessions found evicted are ended.
-    async fn refresh(&self, sessions: &SessionTable) {
+    async fn refresh(&self, end: &EndSession) {
         let local: Vec<(String, Vec<String>)> = self
             .local
             .lock()
@@ -382,7 +400,7 @@ impl Ownership {
                 Ok(gone) => {
                     let device = key.split('.').next().unwrap_or_default().to_string();
                     for (connection, by) in gone {
-                        if sessions.end_connection(&device, &connection, Ending::TakenOver(by)) {
+                        if end(&device, &connection, Ending::TakenOver(by)) {
                             tracing::info!(device.id = %device, conn = %connection, "session no longer owns its device in the cluster: ended");
                         }
                     }

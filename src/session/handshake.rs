@@ -59,7 +59,7 @@ pub struct Upgraded {
     /// The session's place in the table (entered at admission) and its handle.
     pub registration: Registration,
     /// Its holder in the cluster's session ownership (`[cluster]` only).
-    pub claim: Option<crate::cluster::Claim>,
+    pub claim: Option<Box<dyn crate::storage::OwnershipClaim>>,
     pub handle: SessionHandle,
     /// Its slot of `server.max_connections`, released when the session ends.
     pub slot: tokio::sync::OwnedSemaphorePermit,

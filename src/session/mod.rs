@@ -53,7 +53,7 @@ pub struct Shared {
     /// Every live session, with a handle to end it.
     pub sessions: Arc<table::SessionTable>,
     /// Session ownership across gateways (`[cluster]` only), set once at startup.
-    pub ownership: std::sync::OnceLock<Arc<crate::cluster::Ownership>>,
+    pub ownership: std::sync::OnceLock<Arc<dyn crate::storage::SessionOwnership>>,
     /// Fires when the gateway starts draining: new handshakes get 503.
     pub draining: CancellationToken,
     /// Every backend's passive health, kept across reloads.

@@ -108,6 +108,32 @@ pub trait DeadLetterStore: Send + Sync + std::fmt::Debug {
     fn stored(&self) -> watch::Receiver<u64>;
 }
 
+/// A boxed future, for the async parts of the store traits.
+pub type StoreFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Ends a live session of this gateway: (device, connection, why); whether it was live.
+pub type EndSession = Arc<dyn Fn(&str, &str, crate::wire::Ending) -> bool + Send + Sync>;
+
+/// Who holds a device's sessions on a route across gateways (the cluster store; a single
+/// gateway needs none: its session table is the whole truth).
+pub trait SessionOwnership: Send + Sync + std::fmt::Debug {
+    /// At admission: a claim for the newcomer, or the route's duplicate policy's refusal
+    /// counted across gateways.
+    fn admit<'a>(
+        &'a self,
+        device: &'a str,
+        route: &'a str,
+        policy: crate::admission::routing::DuplicatePolicy,
+        connection: &'a str,
+    ) -> StoreFuture<'a, Result<Box<dyn OwnershipClaim>, crate::wire::Refusal>>;
+}
+
+/// One session's claim; dropping it releases the session's place.
+pub trait OwnershipClaim: Send + Sync {
+    /// At the upgrade: under `takeover` the session becomes the only holder everywhere.
+    fn upgraded(&self, policy: crate::admission::routing::DuplicatePolicy) -> StoreFuture<'_, ()>;
+}
+
 /// The embedded single-node storage: registry and dead letters in one sled database.
 #[derive(Debug, Clone)]
 pub struct Embedded {
