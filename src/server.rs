@@ -112,8 +112,9 @@ impl Server {
             schemas,
         )?));
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let (audit, audit_thread) = match &config.audit {
-            None => {
+        let mut cluster_audit = None;
+        let (audit, audit_thread) = match (&config.audit, &cluster) {
+            (None, _) => {
                 if config
                     .runtime
                     .routes
@@ -126,7 +127,19 @@ impl Server {
                 }
                 (None, None)
             }
-            Some(a) => {
+            (Some(a), Some(cluster)) => {
+                let key = crate::audit::load_signing_key(&a.signing_key)?;
+                let store = crate::cluster::NatsAudit::open(
+                    cluster,
+                    key,
+                    a.checkpoint_interval,
+                    Some(metrics.clone()),
+                )
+                .await?;
+                cluster_audit = Some(Arc::new(store) as Arc<dyn crate::audit::AuditStore>);
+                (None, None)
+            }
+            (Some(a), None) => {
                 let key = crate::audit::load_signing_key(&a.signing_key)?;
                 let (log, thread) = AuditLog::open(
                     crate::audit::WriterConfig {
@@ -143,7 +156,9 @@ impl Server {
         };
         let audit_log = audit.clone();
         let frames = FrameServices {
-            audit: audit.map(|log| Arc::new(log) as Arc<dyn crate::audit::AuditStore>),
+            audit: audit
+                .map(|log| Arc::new(log) as Arc<dyn crate::audit::AuditStore>)
+                .or(cluster_audit),
             rejections: Arc::new(RejectionStats::default()),
             deadletters,
             metrics,

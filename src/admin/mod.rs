@@ -561,14 +561,32 @@ async fn audit_blocking<T: Send + 'static>(
     }
 }
 
+/// The audit store the gateway writes (segment files or the cluster's streams).
+fn audit_store(s: &AdminState) -> Result<Arc<dyn crate::audit::AuditStore>, ApiError> {
+    audit_cfg(s)?;
+    s.gateway.audit.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "no [audit] section is configured".into(),
+        )
+    })
+}
+
+fn audit_error(e: crate::audit::AuditError) -> ApiError {
+    let status = match e {
+        crate::audit::AuditError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, e.to_string())
+}
+
 async fn audit_show(
     State(s): State<AdminState>,
     Path(id): Path<String>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
 ) -> Result<Json<Vec<crate::audit::Record>>, ApiError> {
     audit_device(&id)?;
-    let cfg = audit_cfg(&s)?;
-    let export = audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?;
+    let export = audit_store(&s)?.export(&id).await.map_err(audit_error)?;
     Ok(Json(
         export
             .records
@@ -584,9 +602,8 @@ async fn audit_export(
     Path(id): Path<String>,
 ) -> Result<Json<crate::audit::Export>, ApiError> {
     audit_device(&id)?;
-    let cfg = audit_cfg(&s)?;
     Ok(Json(
-        audit_blocking(move || crate::audit::export(&cfg.dir, &id)).await?,
+        audit_store(&s)?.export(&id).await.map_err(audit_error)?,
     ))
 }
 
@@ -616,11 +633,9 @@ async fn audit_verify(
     if let Some(d) = &device {
         audit_device(d)?;
     }
-    let verdict = audit_blocking(move || {
-        let key = crate::audit::load_public_key(&key_path)?;
-        crate::audit::verify_dir(&cfg.dir, &key, device.as_deref())
-    })
-    .await?;
+    let store = audit_store(&s)?;
+    let key = audit_blocking(move || crate::audit::load_public_key(&key_path)).await?;
+    let verdict = store.verify(key, device).await.map_err(audit_error)?;
     let mut out: Vec<AuditVerdict> = verdict
         .verified
         .into_iter()

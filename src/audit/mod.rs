@@ -56,4 +56,14 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     fn is_healthy(&self) -> bool;
     /// Records lost since start (should stay 0).
     fn lost(&self) -> u64;
+    /// One device's records and checkpoints, as a self-contained export.
+    fn export(&self, device: &str) -> AuditFuture<Result<Export, AuditError>>;
+    /// The devices that have records, sorted.
+    fn devices(&self) -> AuditFuture<Result<Vec<String>, AuditError>>;
+    /// Verifies every device's chain (or one) and its checkpoints with `public_key`.
+    fn verify(
+        &self,
+        public_key: [u8; 32],
+        device: Option<String>,
+    ) -> AuditFuture<Result<DirVerdict, AuditError>>;
 }

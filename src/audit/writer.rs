@@ -69,6 +69,8 @@ enum Request {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<Request>,
+    /// The segment directory, for reading back (exports, verification).
+    dir: std::path::PathBuf,
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
     fail_writes: Arc<AtomicBool>,
@@ -133,6 +135,7 @@ impl AuditLog {
         let healthy = Arc::new(AtomicBool::new(true));
         let lost = Arc::new(AtomicU64::new(0));
         let fail_writes = Arc::new(AtomicBool::new(false));
+        let dir = cfg.dir.clone();
         let mut writer = Writer {
             cfg,
             key,
@@ -165,6 +168,7 @@ impl AuditLog {
         Ok((
             AuditLog {
                 tx,
+                dir,
                 healthy,
                 lost,
                 fail_writes,
@@ -613,6 +617,41 @@ impl super::AuditStore for AuditLog {
 
     fn lost(&self) -> u64 {
         AuditLog::lost(self)
+    }
+
+    fn export(&self, device: &str) -> super::AuditFuture<Result<super::Export, AuditError>> {
+        let (dir, device) = (self.dir.clone(), device.to_string());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || super::export(&dir, &device))
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn devices(&self) -> super::AuditFuture<Result<Vec<String>, AuditError>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                super::read(&dir).map(|c| c.records.into_keys().collect())
+            })
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn verify(
+        &self,
+        public_key: [u8; 32],
+        device: Option<String>,
+    ) -> super::AuditFuture<Result<super::DirVerdict, AuditError>> {
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                super::verify_dir(&dir, &public_key, device.as_deref())
+            })
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?
+        })
     }
 }
 

@@ -49,6 +49,11 @@ pub enum AuditCommand {
 enum Source {
     Api(AdminClient),
     Files(gatehouse::config::AuditConfig),
+    /// The cluster's audit streams, read on a runtime of the CLI's own.
+    Cluster(
+        Box<gatehouse::cluster::audit::AuditReader>,
+        tokio::runtime::Runtime,
+    ),
 }
 
 impl Source {
@@ -64,6 +69,17 @@ impl Source {
                 }
             }
         }
+        if let Some(cluster) = config.stores.cluster() {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let reader = runtime.block_on(async {
+                let c = gatehouse::cluster::Cluster::connect(cluster).await?;
+                gatehouse::cluster::audit::AuditReader::open(&c).await
+            })?;
+            return Ok(Self::Cluster(Box::new(reader), runtime));
+        }
         Ok(Self::Files(audit))
     }
 
@@ -72,6 +88,7 @@ impl Source {
         Ok(match self {
             Self::Api(c) => c.call(Call::get(format!("/v1/audit/{device}/export")))?,
             Self::Files(cfg) => audit::export(&cfg.dir, device)?,
+            Self::Cluster(reader, runtime) => runtime.block_on(reader.export(device))?,
         })
     }
 }
@@ -216,6 +233,9 @@ fn verify_file(file: &Path, public: &[u8; 32]) -> anyhow::Result<()> {
 fn verify(source: &Source, public: &[u8; 32], device: Option<&str>) -> anyhow::Result<()> {
     let verdict = match source {
         Source::Files(cfg) => audit::verify_dir(&cfg.dir, public, device)?,
+        Source::Cluster(reader, runtime) => {
+            runtime.block_on(reader.verify(public, device.map(str::to_string)))?
+        }
         Source::Api(c) => {
             // The gateway names the devices (and any unreadable line); each device's records
             // are then verified here, with our key.

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, stream};
 
 use super::{Cluster, ClusterError};
 use crate::storage::{DeadLetter, DeadLetterStore, RegistryError};
@@ -106,41 +105,17 @@ impl DeadLetterStore for NatsDeadLetters {
         let subject = self.subject(device);
         let limit = self.per_device;
         self.run(async move {
-            let consumer = self
-                .stream
-                .create_consumer(consumer::pull::Config {
-                    filter_subject: subject,
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    ack_policy: consumer::AckPolicy::None,
-                    inactive_threshold: Duration::from_secs(30),
-                    ..Default::default()
-                })
+            let payloads = super::read_subject(&self.stream, subject, limit)
                 .await
                 .map_err(unavailable)?;
-            let pending = consumer.cached_info().num_pending as usize;
-            let mut out = Vec::with_capacity(pending.min(limit));
-            if pending == 0 {
-                return Ok(out);
-            }
-            let mut batch = consumer
-                .fetch()
-                .max_messages(pending.min(limit))
-                .expires(self.timeout)
-                .messages()
-                .await
-                .map_err(unavailable)?;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(unavailable)?;
-                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                match serde_json::from_slice::<DeadLetter>(&message.payload) {
+            let mut out = Vec::with_capacity(payloads.len());
+            for (n, payload) in payloads.iter().enumerate() {
+                match serde_json::from_slice::<DeadLetter>(payload) {
                     Ok(mut letter) => {
-                        letter.seq = seq;
+                        letter.seq = n as u64;
                         out.push(letter);
                     }
-                    Err(e) => tracing::warn!(seq, error = %e, "unreadable dead letter in the cluster stream: skipped"),
-                }
-                if out.len() >= pending.min(limit) {
-                    break;
+                    Err(e) => tracing::warn!(error = %e, "unreadable dead letter in the cluster stream: skipped"),
                 }
             }
             Ok(out)

@@ -7,6 +7,7 @@
 //! [`Cluster::connect`] opens one NATS connection per gateway and tracks whether it is up, so
 //! every store can say how stale its cached view may be (`DeviceStore::stale_for`).
 
+pub mod audit;
 pub mod deadletters;
 pub mod ownership;
 pub mod registry;
@@ -18,6 +19,7 @@ use async_nats::jetstream::{self, kv};
 
 use crate::config::cluster::ClusterConfig;
 
+pub use audit::NatsAudit;
 pub use deadletters::NatsDeadLetters;
 pub use ownership::{Claim, Ownership};
 pub use registry::NatsRegistry;
@@ -168,4 +170,61 @@ impl Cluster {
                 .map_err(|_| ClusterError::Nats(format!("bucket {name}: {create}"))),
         }
     }
+}
+
+/// The messages of `subject` in `stream`, oldest first (at most the last `limit`): an ordered
+/// consumer (single replica, recreated by the client on any gap), read until the stream says
+/// nothing is pending. Retried from the start when the consumer fails on the way.
+pub async fn read_subject(
+    stream: &jetstream::stream::Stream,
+    subject: String,
+    limit: usize,
+) -> Result<Vec<bytes::Bytes>, ClusterError> {
+    use futures_util::StreamExt;
+    use jetstream::consumer;
+    let mut last_error = String::new();
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+        let read = async {
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: subject.clone(),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let pending = consumer.cached_info().num_pending as usize;
+            let mut out = std::collections::VecDeque::with_capacity(pending.min(limit));
+            if pending == 0 {
+                return Ok(Vec::new());
+            }
+            let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                    .await
+                    .map_err(|_| "no message in 5 s".to_string())?;
+                let Some(m) = next else { break };
+                let m = m.map_err(|e| e.to_string())?;
+                let left = m.info().map(|i| i.pending).unwrap_or(0);
+                out.push_back(m.payload.clone());
+                if out.len() > limit {
+                    out.pop_front();
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok::<_, String>(out.into_iter().collect())
+        };
+        match read.await {
+            Ok(v) => return Ok(v),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(ClusterError::Nats(format!(
+        "reading {subject}: {last_error}"
+    )))
 }

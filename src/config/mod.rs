@@ -84,7 +84,8 @@ pub struct FileSchemas {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileAudit {
-    pub dir: PathBuf,
+    /// Segment files (embedded stores only); default `audit`.
+    pub dir: Option<PathBuf>,
     pub signing_key: PathBuf,
     pub public_key: Option<PathBuf>,
     pub command_timeout_ms: Option<u64>,
@@ -575,6 +576,13 @@ impl Config {
                 (Some(audit), commands)
             }
         };
+        if let (Stores::Cluster(_), Some(a)) = (&stores, &audit) {
+            if a.retention.is_some() {
+                return Err(invalid(
+                    "audit.retention_days is not available with [cluster]: the cluster's audit stream keeps every record (size it with JetStream's own limits); remove the key",
+                ));
+            }
+        }
         Ok(Self {
             workers: server.workers,
             listen: server.listen,
@@ -1274,7 +1282,7 @@ impl TryFrom<Section<'_, FileAudit>> for (AuditConfig, CommandRules) {
         let a = &section.file;
         let audit =
             AuditConfig {
-                dir: section.path(&a.dir),
+                dir: section.path(a.dir.as_deref().unwrap_or(Path::new("audit"))),
                 signing_key: section.path(&a.signing_key),
                 public_key: a.public_key.as_deref().map(|p| section.path(p)),
                 checkpoint_interval: ms(

@@ -293,6 +293,8 @@ pub struct Options {
     /// The CA to issue the server certificate from (several gateways of one fleet share it);
     /// a fresh one when absent.
     pub ca: Option<Arc<CertificateAuthority>>,
+    /// The audit signing key (gateways of one cluster share it); a fresh one when absent.
+    pub audit_key: Option<Arc<gatehouse_pki::AuditKey>>,
 }
 
 impl Options {
@@ -313,6 +315,7 @@ impl Options {
             admin_extra: String::new(),
             cluster: None,
             ca: None,
+            audit_key: None,
         }
     }
 }
@@ -443,7 +446,10 @@ connect_timeout_ms = {connect}
     );
     let mut text = text;
     if let Some(extra) = &options.audit {
-        let key = gatehouse_pki::AuditKey::generate().unwrap();
+        let key = options
+            .audit_key
+            .clone()
+            .unwrap_or_else(|| Arc::new(gatehouse_pki::AuditKey::generate().unwrap()));
         std::fs::write(dir.path().join("audit.key"), &key.private_pem).unwrap();
         std::fs::write(dir.path().join("audit.pub"), key.public_line()).unwrap();
         text.push_str(&format!(
