@@ -172,6 +172,7 @@ impl Server {
             shutdown.clone(),
         ));
         if let Some(cluster) = &cluster {
+            crate::cluster::crls::follow(cluster, shared.tls.clone(), shutdown.clone()).await?;
             let sessions = shared.sessions.clone();
             let end: crate::storage::EndSession =
                 Arc::new(move |device: &str, connection: &str, why| {

@@ -359,3 +359,74 @@ async fn a_devices_audit_chain_stays_linear_across_gateways_even_when_two_race()
         gw.stop().await;
     }
 }
+
+/// `gatehouse crl publish` through one gateway's configuration reaches every gateway: a
+/// session on another closes with 4004, and no gateway admits the certificate again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crl_published_once_reaches_every_gateway() {
+    let nats = NatsCluster::start(3).await;
+    let mut ingest = Backend::start().await;
+    let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
+    let sensor = enroll(&gws[0], "sensor-1", "env-sensor").await;
+    known(&gws[2], "sensor-1").await;
+    let (mut dev, _) = gws[2]
+        .connect(Some(&sensor), &["telemetry.v1"])
+        .await
+        .unwrap();
+    let _be = ingest.next().await;
+
+    let now = time::OffsetDateTime::now_utc();
+    let crl = gws[0]
+        .ca
+        .crl_pem(
+            &[gatehouse_pki::Revocation {
+                serial: sensor.serial.clone(),
+                revoked_at: now - time::Duration::seconds(1),
+            }],
+            2,
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(1),
+        )
+        .unwrap();
+    let file = gws[0].dir.path().join("fleet-crl.pem");
+    std::fs::write(&file, crl).unwrap();
+    let asked = Instant::now();
+    let (ok, out, err) = gatehouse_cli(
+        &gws[0],
+        &[
+            "crl",
+            "publish",
+            "--config",
+            "{config}",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(close_of(&mut dev).await.0, 4004);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    for gw in &gws {
+        assert!(gw.connect(Some(&sensor), &["telemetry.v1"]).await.is_err());
+    }
+    // Not a CRL: refused before anything is published.
+    std::fs::write(&file, "not a crl").unwrap();
+    let (ok, _, err) = gatehouse_cli(
+        &gws[0],
+        &[
+            "crl",
+            "publish",
+            "--config",
+            "{config}",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("not a CRL"), "{err}");
+    for gw in gws {
+        gw.stop().await;
+    }
+}

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use gatehouse::config::Config;
 
 pub mod audit;
+pub mod crl;
 pub mod devices;
 pub mod serve;
 pub mod top;
@@ -96,6 +97,11 @@ pub enum Command {
         #[arg(long)]
         data: Option<String>,
     },
+    /// Publish CRLs to every gateway of a cluster.
+    Crl {
+        #[command(subcommand)]
+        command: crl::CrlCommand,
+    },
     /// Manage the device registry (through the admin API while the gateway runs).
     Devices {
         #[command(subcommand)]
@@ -169,6 +175,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Deadletters { id, json } => devices::deadletters(&load(config)?, &id, json),
         Command::Audit { command } => audit::audit(config, command),
+        Command::Crl { command } => crl::crl(&load(config)?, command),
         Command::Api { method, path, data } => serve::api(&load(config)?, &method, &path, data),
     }
 }

@@ -46,7 +46,10 @@ fn unavailable(e: impl std::fmt::Display) -> AuditError {
 }
 
 enum Job {
-    Append(Box<Record>, Option<oneshot::Sender<Result<Record, AuditError>>>),
+    Append(
+        Box<Record>,
+        Option<oneshot::Sender<Result<Record, AuditError>>>,
+    ),
     /// Sign checkpoints for what changed; answer once everything before is acknowledged.
     Sync(oneshot::Sender<bool>),
 }

@@ -8,6 +8,7 @@
 //! every store can say how stale its cached view may be (`DeviceStore::stale_for`).
 
 pub mod audit;
+pub mod crls;
 pub mod deadletters;
 pub mod ownership;
 pub mod registry;

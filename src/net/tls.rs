@@ -108,6 +108,8 @@ pub struct TlsState {
     provider: Arc<CryptoProvider>,
     ticketer: Arc<dyn ProducesTickets>,
     current: ArcSwap<Loaded>,
+    /// CRLs published to the cluster (`gatehouse crl publish`), used besides the files.
+    published: ArcSwap<Vec<CertificateRevocationListDer<'static>>>,
     /// Counts reloads; sessions are checked against the new CRLs on each change.
     reloads: tokio::sync::watch::Sender<u64>,
 }
@@ -124,11 +126,12 @@ impl TlsState {
     pub fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
         let provider = provider();
         let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
-        let loaded = build(cfg, &provider, &ticketer)?;
+        let loaded = build(cfg, &[], &provider, &ticketer)?;
         Ok(Self {
             provider,
             ticketer,
             current: ArcSwap::from_pointee(loaded),
+            published: ArcSwap::from_pointee(Vec::new()),
             reloads: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -154,7 +157,21 @@ impl TlsState {
 
     /// Builds from `cfg` (a reloaded configuration) and swaps it in. On error nothing changes.
     pub fn reload_with(&self, cfg: &TlsConfig) -> Result<(), TlsError> {
-        let loaded = build(cfg, &self.provider, &self.ticketer)?;
+        let loaded = build(cfg, &self.published.load(), &self.provider, &self.ticketer)?;
+        self.current.store(Arc::new(loaded));
+        self.reloads.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Replaces the CRLs published to the cluster and rebuilds with them (on error the
+    /// previous material, published CRLs included, stays in force).
+    pub fn set_published(
+        &self,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<(), TlsError> {
+        let cfg = self.current.load().cfg.clone();
+        let loaded = build(&cfg, &crls, &self.provider, &self.ticketer)?;
+        self.published.store(Arc::new(crls));
         self.current.store(Arc::new(loaded));
         self.reloads.send_modify(|n| *n += 1);
         Ok(())
@@ -193,6 +210,7 @@ impl TlsState {
 
 fn build(
     cfg: &TlsConfig,
+    published: &[CertificateRevocationListDer<'static>],
     provider: &Arc<CryptoProvider>,
     ticketer: &Arc<dyn ProducesTickets>,
 ) -> Result<Loaded, TlsError> {
@@ -205,7 +223,12 @@ fn build(
             .add(ca)
             .map_err(|e| file_err("tls.client_ca", &cfg.client_ca, e))?;
     }
-    let (crl_ders, crls) = load_crls(&cfg.crls)?;
+    let (mut crl_ders, mut crls) = load_crls(&cfg.crls)?;
+    for crl in published {
+        crls.add_crl(crl)
+            .map_err(|e| TlsError::Verifier(format!("a CRL published to the cluster: {e}")))?;
+        crl_ders.push(crl.clone());
+    }
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crl_ders.is_empty() {
