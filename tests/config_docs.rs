@@ -76,6 +76,7 @@ fn every_configuration_key_is_documented_in_its_section() {
         ("`[session]`", keys_of("[session]")),
         ("`[tls]`", keys_of("[tls]")),
         ("`[registry]`", keys_of("[registry]")),
+        ("`[cluster]`", keys_of("[cluster]")),
         ("`[admin]`", keys_of("[admin]")),
         ("`[websocket]`", keys_of("[websocket]")),
         ("`[schemas]`", keys_of("[schemas]")),
