@@ -430,3 +430,174 @@ async fn a_crl_published_once_reaches_every_gateway() {
         gw.stop().await;
     }
 }
+
+/// Three gateways whose `[cluster]` sections get `extra` keys.
+async fn gateways_extra(nats: &NatsCluster, routes: Vec<RouteSpec>, extra: &str) -> Vec<Gateway> {
+    let ca = Arc::new(
+        gatehouse_pki::CertificateAuthority::generate("Fleet CA", time::Duration::days(30))
+            .unwrap(),
+    );
+    let key = Arc::new(gatehouse_pki::AuditKey::generate().unwrap());
+    let mut out = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut options = Options::new(routes.clone());
+        options.cluster = Some(format!("{}{extra}\n", nats.section(name, 3)));
+        options.ca = Some(ca.clone());
+        options.audit = Some(String::new());
+        options.audit_key = Some(key.clone());
+        out.push(Gateway::start(options).await);
+    }
+    out
+}
+
+/// Retries an admin call until the cluster takes it (leader elections after a node loss).
+async fn eventually<T: serde::de::DeserializeOwned + Send + 'static>(
+    gw: &Gateway,
+    call: impl Fn() -> Call,
+) -> T {
+    within(async {
+        loop {
+            match gw.api::<T>(call()).await {
+                Ok(v) => return v,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+}
+
+/// One NATS node killed: enrollment, cross-gateway suspension and the audit log go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_one_nats_node_changes_nothing_for_the_fleet() {
+    let mut nats = NatsCluster::start(3).await;
+    let mut ingest = Backend::start().await;
+    let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
+    nats.kill(0);
+    let cert = gws[1].issue("sensor-9");
+    let body = gatehouse::admin::EnrollRequest {
+        devices: vec![Enrollment {
+            id: "sensor-9".into(),
+            device_type: "env-sensor".into(),
+            sha256: cert.fingerprint_hex(),
+            labels: Default::default(),
+        }],
+    };
+    let _: Vec<Device> = eventually(&gws[1], || Call::post("/v1/devices").json(&body)).await;
+    known(&gws[2], "sensor-9").await;
+    let (mut dev, _) = gws[2]
+        .connect(Some(&cert), &["telemetry.v1"])
+        .await
+        .unwrap();
+    let _be = ingest.next().await;
+    let _: Device = eventually(&gws[0], || Call::post("/v1/devices/sensor-9/suspend")).await;
+    let asked = Instant::now();
+    assert_eq!(close_of(&mut dev).await.0, 4001);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
+/// Every NATS node down: open sessions keep flowing; known devices are admitted from the
+/// cached registry until `max_staleness_ms`, then refused 503 `registry-unavailable` (and
+/// `/readyz` says so); registry writes answer 503; commands are refused (the audit log cannot
+/// acknowledge them). When NATS returns, all of it recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_every_nats_node_down_each_store_behaves_as_documented_and_recovers() {
+    use futures_util::SinkExt;
+    let mut nats = NatsCluster::start(3).await;
+    let mut ingest = Backend::start().await;
+    let mut control = Backend::start().await;
+    let gws = gateways_extra(
+        &nats,
+        vec![
+            telemetry_route(vec![ingest.url("/")]),
+            control_route(vec![control.url("/")]),
+        ],
+        "max_staleness_ms = 3000",
+    )
+    .await;
+    let a = &gws[0];
+    let sensor = enroll(a, "sensor-1", "env-sensor").await;
+    let lock = enroll(a, "lock-1", "door-lock").await;
+    known(a, "lock-1").await;
+    let (mut dev, _) = a.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    let mut be = ingest.next().await;
+    let (mut lock_dev, _) = a.connect(Some(&lock), &["control.v1"]).await.unwrap();
+    let mut lock_be = control.next().await;
+
+    for i in 0..3 {
+        nats.kill(i);
+    }
+    let down = Instant::now();
+    // Telemetry keeps flowing on the open session.
+    dev.send(Message::text(reading(1))).await.unwrap();
+    assert_eq!(next_msg(&mut be.ws).await, Message::text(reading(1)));
+    // A known device is still admitted from the cached index.
+    let (again, _) = a.connect(Some(&sensor), &["telemetry.v1"]).await.unwrap();
+    drop(again);
+    let _ = ingest.next().await;
+    // A registry write cannot be made: 503, nothing changed.
+    let err = a
+        .api::<Device>(Call::post("/v1/devices/sensor-1/suspend"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            gatehouse::admin::ClientError::Refused { status: 503, .. }
+        ),
+        "{err:?}"
+    );
+    // A command is refused: its record cannot be acknowledged (fail closed).
+    lock_be
+        .ws
+        .send(Message::text(r#"{"id":1,"command":"lock"}"#))
+        .await
+        .unwrap();
+    let answer = json_of(next_msg(&mut lock_be.ws).await);
+    assert_eq!(answer["id"], 1, "{answer}");
+    assert!(answer["code"].is_string(), "{answer}");
+    // Past max_staleness_ms: new sessions are refused and readiness is false.
+    while down.elapsed() < Duration::from_millis(3200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_refused(
+        a.connect(Some(&sensor), &["telemetry.v1"]).await,
+        503,
+        "registry-unavailable",
+    );
+    let ready = reqwest_status(a, "/readyz").await;
+    assert_eq!(ready, 503);
+
+    // NATS returns: admission, registry writes and commands recover by themselves.
+    for i in 0..3 {
+        nats.restart(i);
+    }
+    nats.wait_ready().await;
+    let _: Device = eventually(a, || Call::post("/v1/devices/lock-1/suspend")).await;
+    within(async {
+        while reqwest_status(a, "/readyz").await != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    a.connect_eventually(&sensor, &["telemetry.v1"]).await;
+    drop(lock_dev.close(None).await);
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
+/// The status of a plain GET on the admin listener.
+async fn reqwest_status(gw: &Gateway, path: &str) -> u16 {
+    match gw.api_text(Call::get(path)).await {
+        Ok(_) => 200,
+        Err(gatehouse::admin::ClientError::Refused { status, .. }) => status,
+        Err(e) => panic!("{e}"),
+    }
+}
