@@ -325,10 +325,28 @@ impl Server {
                 },
             };
             // Budgets checked before any TLS work; beyond one, the connection is closed at
-            // once rather than left waiting.
-            let Some((handshake, source)) = admit_connection(&shared, peer.ip()) else {
+            // once rather than left waiting. A balancer's connection names its device in a
+            // PROXY header first: that device's address is the one its budgets and logs see.
+            let Ok(handshake) = shared.handshake_slots.clone().try_acquire_owned() else {
+                refused_at_accept(&shared, peer.ip(), "max_handshakes");
                 drop(tcp);
                 continue;
+            };
+            let proxied = shared
+                .config
+                .proxy_from
+                .iter()
+                .any(|r| r.contains(peer.ip()));
+            let source = if proxied {
+                None
+            } else {
+                match admit_source(&shared, peer.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        drop(tcp);
+                        continue;
+                    }
+                }
             };
             let shared = shared.clone();
             // The session runs on a worker's own runtime: move the socket's registration.
@@ -340,10 +358,31 @@ impl Server {
                 }
             };
             workers.spawn(self.tracker.track_future(async move {
-                match tokio::net::TcpStream::from_std(tcp) {
-                    Ok(tcp) => session::handle(shared, tcp, peer, handshake).await,
-                    Err(e) => tracing::warn!(error = %e, "could not register the connection"),
-                }
+                let mut tcp = match tokio::net::TcpStream::from_std(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not register the connection");
+                        return;
+                    }
+                };
+                let (peer, source) = if proxied {
+                    let timeout = shared.live.load().config.handshake_timeout;
+                    let device = match read_proxy_header(&mut tcp, timeout).await {
+                        Ok(Some(device)) => device,
+                        Ok(None) => peer,
+                        Err(e) => {
+                            tracing::info!(balancer = %peer, error = %e, "connection from a PROXY protocol balancer closed");
+                            return;
+                        }
+                    };
+                    match admit_source(&shared, device.ip()) {
+                        Some(slot) => (device, Some(slot)),
+                        None => return,
+                    }
+                } else {
+                    (peer, source)
+                };
+                session::handle(shared, tcp, peer, handshake).await;
                 drop(source);
             }));
         }
@@ -411,31 +450,26 @@ impl Drop for SourceSlot {
     }
 }
 
-/// The handshake budget and the source's budgets for a new connection from `ip`; `None`
-/// (counted, and logged at a bounded rate) when one of them is spent.
-fn admit_connection(
-    shared: &Arc<Shared>,
-    ip: std::net::IpAddr,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, SourceSlot)> {
-    let refused = |limit: &'static str| {
-        shared.count_refusal(limit);
-        shared
-            .metrics
-            .closed_at_accept
-            .get_or_create(&crate::metrics::Limit {
-                limit: limit.to_string(),
-            })
-            .inc();
-        if let crate::policy::rejections::LogDecision::Log { suppressed_before } =
-            shared.refusal_log.check(crate::session::steps::now())
-        {
-            tracing::warn!(peer.ip = %ip, limit, suppressed_before, "connection closed at accept: budget spent");
-        }
-    };
-    let Ok(handshake) = shared.handshake_slots.clone().try_acquire_owned() else {
-        refused("max_handshakes");
-        return None;
-    };
+/// Counts and logs (at a bounded rate) a connection closed at accept.
+fn refused_at_accept(shared: &Shared, ip: std::net::IpAddr, limit: &'static str) {
+    shared.count_refusal(limit);
+    shared
+        .metrics
+        .closed_at_accept
+        .get_or_create(&crate::metrics::Limit {
+            limit: limit.to_string(),
+        })
+        .inc();
+    if let crate::policy::rejections::LogDecision::Log { suppressed_before } =
+        shared.refusal_log.check(crate::session::steps::now())
+    {
+        tracing::warn!(peer.ip = %ip, limit, suppressed_before, "connection closed at accept: budget spent");
+    }
+}
+
+/// The source's budgets for a new connection from `ip`; `None` (counted and logged) when
+/// one is spent.
+fn admit_source(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<SourceSlot> {
     let at = shared.epoch.elapsed();
     let admitted = shared
         .sources
@@ -443,18 +477,38 @@ fn admit_connection(
         .unwrap_or_else(|e| e.into_inner())
         .admit(ip, at);
     match admitted {
-        Ok(()) => Some((
-            handshake,
-            SourceSlot {
-                shared: shared.clone(),
-                ip,
-            },
-        )),
+        Ok(()) => Some(SourceSlot {
+            shared: shared.clone(),
+            ip,
+        }),
         Err(why) => {
-            refused(why.as_str());
+            refused_at_accept(shared, ip, why.as_str());
             None
         }
     }
+}
+
+/// Reads the PROXY protocol v2 header a balancer sends first; the device's own address
+/// (`None` for the balancer's LOCAL health checks). Bounded by the handshake timeout.
+async fn read_proxy_header(
+    tcp: &mut tokio::net::TcpStream,
+    timeout: std::time::Duration,
+) -> Result<Option<SocketAddr>, String> {
+    use crate::admission::proxy;
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut head = [0u8; proxy::FIXED_LEN];
+        tcp.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+        let fixed = proxy::parse_fixed(&head).map_err(|e| e.to_string())?;
+        let mut block = vec![0u8; fixed.block_len];
+        tcp.read_exact(&mut block)
+            .await
+            .map_err(|e| e.to_string())?;
+        proxy::source(&fixed, &block).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| format!("no PROXY header within {} ms", timeout.as_millis()))?
 }
 
 /// Ends live sessions that a registry change makes inadmissible (suspended, revoked, a
@@ -623,14 +677,32 @@ async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Sig
     }
 }
 
+/// The device listener, with SO_REUSEPORT when `reuse_port` (several gateway processes on one
+/// port; each accepts its share).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Binds the listeners named in `config` and serves until `shutdown`. The binary's path.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listen = config.listen;
     let admin_addr: Option<SocketAddr> = config.admin.as_ref().map(|a| a.listen);
+    let reuse_port = config.reuse_port;
     let server = Server::new(config, shutdown).await?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        bind(listen, reuse_port).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let admin = match admin_addr {
         Some(addr) => Some(
             TcpListener::bind(addr)

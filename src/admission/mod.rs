@@ -4,9 +4,11 @@
 //! Reading bytes off the socket and answering are `session::handshake`'s job; mapping a
 //! refusal to an HTTP answer is `wire`'s.
 
+pub mod cidr;
 pub mod decide;
 pub mod health;
 pub mod identity;
+pub mod proxy;
 pub mod routing;
 pub mod sources;
 pub mod trace;

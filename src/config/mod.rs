@@ -122,6 +122,10 @@ pub struct FileServer {
     /// 0: no bound per source.
     pub source_connections: Option<u32>,
     pub drain_grace_ms: Option<u64>,
+    /// Balancer addresses whose connections start with a PROXY protocol v2 header.
+    pub proxy_protocol_from: Option<Vec<String>>,
+    /// Bind the device listener with SO_REUSEPORT (several gateway processes on one port).
+    pub reuse_port: Option<bool>,
 }
 
 /// One set of per-device limits, from `[limits]` or `[limits.<device-type>]`.
@@ -445,6 +449,12 @@ pub struct Config {
     pub max_handshakes: NonZeroUsize,
     /// Per source address budgets, checked at accept.
     pub sources: crate::admission::sources::SourceRules,
+    /// Connections from these addresses (load balancers) begin with a PROXY protocol v2
+    /// header naming the device's own address; empty: PROXY protocol off.
+    pub proxy_from: Vec<crate::admission::cidr::Cidr>,
+    /// SO_REUSEPORT on the device listener: several processes share one port, the kernel
+    /// spreads new connections over them.
+    pub reuse_port: bool,
     pub shutdown_grace: Duration,
     /// Where the stores live: the embedded sled registry, or the NATS cluster.
     pub stores: Stores,
@@ -589,6 +599,8 @@ impl Config {
             max_connections: server.max_connections,
             max_handshakes: server.max_handshakes,
             sources: server.sources,
+            proxy_from: server.proxy_from,
+            reuse_port: server.reuse_port,
             shutdown_grace: server.shutdown_grace,
             stores,
             deadletter,
@@ -635,6 +647,9 @@ impl Config {
         }
         if self.sources != next.sources {
             changed.push("server.source_* budgets");
+        }
+        if self.proxy_from != next.proxy_from {
+            changed.push("server.proxy_protocol_from");
         }
         if self.shutdown_grace != next.shutdown_grace {
             changed.push("server.shutdown_grace_ms");
@@ -706,6 +721,8 @@ struct ServerSection {
     shutdown_grace: Duration,
     tcp_keepalive: Option<Duration>,
     drain_grace: Duration,
+    proxy_from: Vec<crate::admission::cidr::Cidr>,
+    reuse_port: bool,
 }
 
 /// A duration in milliseconds where 0 turns the feature off.
@@ -796,6 +813,16 @@ impl TryFrom<Section<'_, FileServer>> for ServerSection {
                 DEFAULT_DRAIN_GRACE,
                 "server.drain_grace_ms",
             )?,
+            proxy_from: s
+                .proxy_protocol_from
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    crate::admission::cidr::Cidr::parse(r)
+                        .map_err(|e| invalid(format!("server.proxy_protocol_from: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            reuse_port: s.reuse_port.unwrap_or(false),
         })
     }
 }

@@ -704,6 +704,28 @@ pub async fn connect_from(
     upgrade(tls, addr, protocols, &[]).await
 }
 
+/// Connects as a PROXY protocol v2 balancer would: the header naming `device` first, then
+/// the device's TLS and upgrade through the same connection.
+pub async fn connect_proxied(
+    device: SocketAddr,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    protocols: &[&str],
+) -> Result<Connected, ConnectError> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    tcp.write_all(&gatehouse::admission::proxy::encode(device, addr))
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| ConnectError::Transport(e.to_string()))?;
+    upgrade(tls, addr, protocols, &[]).await
+}
+
 /// Whether the gateway closes a fresh TCP connection from `source` at once (before any TLS):
 /// it reads end of stream (or a reset) without having sent anything.
 pub async fn closed_at_accept(source: std::net::IpAddr, addr: SocketAddr) -> bool {
