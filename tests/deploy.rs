@@ -106,3 +106,28 @@ async fn the_units_command_lines_are_ones_the_binary_accepts() {
         "{start}"
     );
 }
+
+/// deploy/haproxy.cfg: TCP mode (TLS reaches the gateways), PROXY protocol v2 to them,
+/// `/readyz` as the health check; and `haproxy -c` accepts it where HAProxy is installed.
+#[test]
+fn the_haproxy_configuration_is_what_the_cluster_docs_describe() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
+    let text = std::fs::read_to_string(path).unwrap();
+    for needed in [
+        "mode tcp",
+        "send-proxy-v2",
+        "option httpchk GET /readyz",
+        "balance leastconn",
+    ] {
+        assert!(text.contains(needed), "deploy/haproxy.cfg lacks {needed:?}");
+    }
+    assert!(!text.contains("mode http"), "TLS must reach the gateways untouched");
+    if let Ok(out) = Command::new("haproxy").arg("-c").arg("-f").arg(path).output() {
+        assert!(
+            out.status.success(),
+            "haproxy -c: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
