@@ -601,3 +601,161 @@ async fn reqwest_status(gw: &Gateway, path: &str) -> u16 {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A gateway process killed with SIGKILL in the middle of a command stream: every command the
+/// device received has its `command_sent` record in the cluster (acknowledged before it was
+/// forwarded), the chain verifies, and the dead gateway's ownership entry expires so the
+/// device (on a `reject` route) is admitted elsewhere within the ownership TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_its_ownership_expires(
+) {
+    use futures_util::{SinkExt, StreamExt};
+    let nats = NatsCluster::start(3).await;
+    let mut control = Backend::start().await;
+    let route = RouteSpec {
+        extra: "duplicates = \"reject\"",
+        ..control_route(vec![control.url("/")])
+    };
+    let key = Arc::new(gatehouse_pki::AuditKey::generate().unwrap());
+    let gws = gateways_with(&nats, vec![route.clone()], Some(("", key.clone()))).await;
+
+    // Gateway "k" as its own process, sharing the cluster, the CA and the audit key.
+    let mut options = Options::new(vec![route]);
+    options.cluster = Some(nats.section("k", 3));
+    options.ca = Some(gws[0].ca.clone());
+    options.audit = Some(String::new());
+    options.audit_key = Some(key.clone());
+    let prepared = prepare(&options);
+    let (listen, admin) = (dead_addr().await, dead_addr().await);
+    let text = std::fs::read_to_string(&prepared.config_path)
+        .unwrap()
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\""),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{admin}\""),
+            1,
+        );
+    std::fs::write(&prepared.config_path, text).unwrap();
+    let log = std::fs::File::create(prepared.dir.path().join("k.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["serve", "--config"])
+        .arg(&prepared.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let probe = gatehouse::admin::AdminClient::new(
+        admin,
+        gatehouse::config::AdminToken::new(&prepared.admin_token).unwrap(),
+    );
+    within(async {
+        loop {
+            let p = probe.clone();
+            let up = tokio::task::spawn_blocking(move || p.call_text(Call::get("/readyz")).is_ok())
+                .await
+                .unwrap();
+            if up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let lock = enroll(&gws[0], "lock-1", "door-lock").await;
+    let (mut dev, _) = within(async {
+        loop {
+            match connect(
+                listen,
+                gws[0].client_config(Some(&lock)),
+                &["control.v1"],
+                &[],
+            )
+            .await
+            {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let mut be = control.next().await;
+    // The backend fires 50 commands; the device reads what reaches it. After 10, k dies.
+    for n in 0..50 {
+        be.ws
+            .send(Message::text(format!(
+                r#"{{"id":"k-{n}","command":"lock"}}"#
+            )))
+            .await
+            .unwrap();
+    }
+    let mut delivered = Vec::new();
+    let mut killed = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(3), dev.next()).await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            delivered.push(v["id"].as_str().unwrap().to_string());
+            if delivered.len() == 10 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed = Some(Instant::now());
+            }
+        }
+    }
+    let killed = killed.expect("k delivered 10 commands before it was killed");
+    assert!(delivered.len() < 50, "the stream was cut by the kill");
+
+    // The dead gateway's holder is still live for a moment: b refuses the device (reject),
+    // then admits it once the holder expired (ownership_ttl_ms = 3000 in the tests).
+    let b = &gws[1];
+    assert_refused(
+        b.connect(Some(&lock), &["control.v1"]).await,
+        409,
+        "session-open",
+    );
+    let admitted = within(async {
+        loop {
+            match b.connect(Some(&lock), &["control.v1"]).await {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    let locked_out = killed.elapsed();
+    assert!(
+        locked_out < Duration::from_millis(3000 + 2000),
+        "locked out for {locked_out:?}"
+    );
+    drop(admitted);
+
+    // Every delivered command has its record; the chain verifies.
+    let export: gatehouse::audit::Export =
+        b.api(Call::get("/v1/audit/lock-1/export")).await.unwrap();
+    let recorded: std::collections::HashSet<String> = export
+        .records
+        .iter()
+        .filter(|r| r.kind == gatehouse::audit::RecordKind::CommandSent)
+        .filter_map(|r| {
+            r.command_id
+                .as_ref()
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .collect();
+    for id in &delivered {
+        assert!(
+            recorded.contains(id),
+            "command {id} reached the device without its record"
+        );
+    }
+    let public: [u8; 32] = key.public.clone().try_into().unwrap();
+    gatehouse::audit::verify_export(&export, &public).unwrap();
+    for gw in gws {
+        gw.stop().await;
+    }
+}

@@ -121,8 +121,16 @@ fn the_haproxy_configuration_is_what_the_cluster_docs_describe() {
     ] {
         assert!(text.contains(needed), "deploy/haproxy.cfg lacks {needed:?}");
     }
-    assert!(!text.contains("mode http"), "TLS must reach the gateways untouched");
-    if let Ok(out) = Command::new("haproxy").arg("-c").arg("-f").arg(path).output() {
+    assert!(
+        !text.contains("mode http"),
+        "TLS must reach the gateways untouched"
+    );
+    if let Ok(out) = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(path)
+        .output()
+    {
         assert!(
             out.status.success(),
             "haproxy -c: {}{}",

@@ -1,7 +1,7 @@
 //! Address ranges (`10.0.0.0/8`, `2001:db8::/32`, or one address) and whether an address is
 //! in them: the PROXY protocol's trusted balancers, and address policies.
 
-use std::net::IpAddr;
+use core::net::IpAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {

@@ -2,7 +2,7 @@
 //! sends before anything else, naming the client's own address. Parsed here, pure; the shell
 //! reads it only from the configured balancer addresses (`server.proxy_protocol_from`).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
