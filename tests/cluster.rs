@@ -602,6 +602,22 @@ async fn reqwest_status(gw: &Gateway, path: &str) -> u16 {
     }
 }
 
+/// A child process, killed (SIGKILL) and reaped at the latest when dropped.
+struct Process(std::process::Child);
+
+impl Process {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A gateway process killed with SIGKILL in the middle of a command stream: every command the
 /// device received has its `command_sent` record in the cluster (acknowledged before it was
 /// forwarded), the chain verifies, and the dead gateway's ownership entry expires so the
@@ -641,13 +657,15 @@ async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_i
         );
     std::fs::write(&prepared.config_path, text).unwrap();
     let log = std::fs::File::create(prepared.dir.path().join("k.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["serve", "--config"])
-        .arg(&prepared.config_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["serve", "--config"])
+            .arg(&prepared.config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let probe = gatehouse::admin::AdminClient::new(
         admin,
         gatehouse::config::AdminToken::new(&prepared.admin_token).unwrap(),
@@ -700,8 +718,7 @@ async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_i
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
             delivered.push(v["id"].as_str().unwrap().to_string());
             if delivered.len() == 10 {
-                child.kill().unwrap();
-                child.wait().unwrap();
+                child.kill();
                 killed = Some(Instant::now());
             }
         }
