@@ -14,19 +14,6 @@ use gatehouse::admin::Call;
 use gatehouse::model::{Device, Enrollment};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn close_of<S>(ws: &mut S) -> (u16, String)
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        match next_msg(ws).await {
-            Message::Close(Some(f)) => return (f.code.into(), f.reason.to_string()),
-            Message::Close(None) => panic!("close without a code"),
-            _ => continue,
-        }
-    }
-}
-
 /// Three gateways named a, b, c on `nats`, one CA, the same routes.
 async fn gateways(nats: &NatsCluster, routes: Vec<RouteSpec>) -> Vec<Gateway> {
     gateways_with(nats, routes, None).await

@@ -14,19 +14,6 @@ use gatehouse::audit::RecordKind;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Reads until a close frame (skipping pings and data); its code and reason.
-async fn close_of<S>(ws: &mut S) -> (u16, String)
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        match next_msg(ws).await {
-            Message::Close(Some(f)) => return (f.code.into(), f.reason.to_string()),
-            Message::Close(None) => panic!("close without a code"),
-            _ => continue,
-        }
-    }
-}
-
 /// The `detail` of the device's audit records of `kind`, once there are `n` of them.
 async fn audit_details(gw: &Gateway, device: &str, kind: RecordKind, n: usize) -> Vec<String> {
     let audit = gw.audit.clone().unwrap();

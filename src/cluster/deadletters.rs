@@ -73,11 +73,8 @@ impl NatsDeadLetters {
         &self,
         f: impl std::future::Future<Output = Result<T, RegistryError>>,
     ) -> Result<T, RegistryError> {
-        let timeout = self.timeout * 2;
-        self.runtime.block_on(async move {
-            tokio::time::timeout(timeout, f)
-                .await
-                .map_err(|_| unavailable(format!("no answer in {} ms", timeout.as_millis())))?
+        super::block_on(&self.runtime, self.timeout * 2, f, |t| {
+            unavailable(format!("no answer in {} ms", t.as_millis()))
         })
     }
 }

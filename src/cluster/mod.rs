@@ -229,3 +229,19 @@ pub async fn read_subject(
         "reading {subject}: {last_error}"
     )))
 }
+
+/// Runs `f` on `runtime` from a blocking caller (the store traits are blocking) and waits,
+/// bounded by `timeout`; past it, `late` makes the caller's error.
+pub(crate) fn block_on<T, E>(
+    runtime: &tokio::runtime::Handle,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, E>>,
+    late: impl FnOnce(Duration) -> E,
+) -> Result<T, E> {
+    runtime.block_on(async move {
+        match tokio::time::timeout(timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(late(timeout)),
+        }
+    })
+}

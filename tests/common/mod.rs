@@ -39,6 +39,26 @@ pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f).await.expect("timed out")
 }
 
+/// The code and reason of the close frame a WebSocket receives next (skipping data).
+pub async fn close_of<S>(ws: &mut S) -> (u16, String)
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match next_msg(ws).await {
+            Message::Close(Some(f)) => return (f.code.into(), f.reason.to_string()),
+            Message::Close(None) => panic!("close without a code"),
+            _ => continue,
+        }
+    }
+}
+
 /// The next message of a WebSocket, within [`WAIT`].
 pub async fn next_msg<S>(ws: &mut S) -> tokio_tungstenite::tungstenite::Message
 where
