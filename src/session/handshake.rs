@@ -264,46 +264,26 @@ pub async fn handshake(
         started: time::OffsetDateTime::now_utc(),
     };
     let per_device = runtime.device_limits.for_type(&device.device_type).sessions;
-    let registration =
+    // The route's duplicate policy on this gateway, then across gateways (the cluster's
+    // ownership entry); either refusal is answered the same way.
+    let registered =
         match shared
             .sessions
             .admit(admitted, route.duplicates, per_device, handle.clone())
         {
-            Ok(r) => r,
-            Err(refusal) => {
-                if matches!(refusal, Refusal::SessionOpen { .. }) {
-                    shared
-                        .metrics
-                        .duplicates
-                        .get_or_create(&crate::metrics::RouteAction {
-                            route: route.subprotocol.clone(),
-                            action: "reject".to_string(),
-                        })
-                        .inc();
-                }
-                log_refusal(
-                    shared,
-                    (conn_id, peer),
-                    &refusal,
-                    Some(&device.id),
-                    &cert,
-                    resumed,
-                );
-                refuse(&mut tls, &refusal).await?;
-                return Ok(Outcome::Refused(refusal.code()));
-            }
+            Ok(registration) => match shared.ownership.get() {
+                None => Ok((registration, None)),
+                Some(ownership) => ownership
+                    .admit(&device.id, &route.subprotocol, route.duplicates, conn_id)
+                    .await
+                    .map(|claim| (registration, Some(claim))),
+            },
+            Err(refusal) => Err(refusal),
         };
-
-    // Across gateways: the same policy, counted in the cluster's ownership entry.
-    let claim = match shared.ownership.get() {
-        None => None,
-        Some(ownership) => match ownership
-            .admit(&device.id, &route.subprotocol, route.duplicates, conn_id)
-            .await
-        {
-            Ok(claim) => Some(claim),
-            Err(refusal) => {
-                drop(registration);
+    let (registration, claim) = match registered {
+        Ok(r) => r,
+        Err(refusal) => {
+            if matches!(refusal, Refusal::SessionOpen { .. }) {
                 shared
                     .metrics
                     .duplicates
@@ -312,18 +292,18 @@ pub async fn handshake(
                         action: "reject".to_string(),
                     })
                     .inc();
-                log_refusal(
-                    shared,
-                    (conn_id, peer),
-                    &refusal,
-                    Some(&device.id),
-                    &cert,
-                    resumed,
-                );
-                refuse(&mut tls, &refusal).await?;
-                return Ok(Outcome::Refused(refusal.code()));
             }
-        },
+            log_refusal(
+                shared,
+                (conn_id, peer),
+                &refusal,
+                Some(&device.id),
+                &cert,
+                resumed,
+            );
+            refuse(&mut tls, &refusal).await?;
+            return Ok(Outcome::Refused(refusal.code()));
+        }
     };
 
     let connected = connect_backend(
