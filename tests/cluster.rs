@@ -14,6 +14,10 @@ use gatehouse::admin::Call;
 use gatehouse::model::{Device, Enrollment};
 use tokio_tungstenite::tungstenite::Message;
 
+/// One cluster test at a time: each runs three NATS nodes and three gateways, and on two
+/// cores several at once slow leader elections past the tests' bounds.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Three gateways named a, b, c on `nats`, one CA, the same routes.
 async fn gateways(nats: &NatsCluster, routes: Vec<RouteSpec>) -> Vec<Gateway> {
     gateways_with(nats, routes, None).await
@@ -75,6 +79,7 @@ async fn known(gw: &Gateway, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_enrolled_through_one_gateway_connects_through_another_and_a_suspend_elsewhere_closes_it(
 ) {
+    let _serial = SERIAL.lock().await;
     let nats = NatsCluster::start(3).await;
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
@@ -115,6 +120,7 @@ async fn a_device_enrolled_through_one_gateway_connects_through_another_and_a_su
 /// other is told which device holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways() {
+    let _serial = SERIAL.lock().await;
     let nats = NatsCluster::start(3).await;
     let ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
@@ -159,6 +165,7 @@ async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways
 /// a second (4007); `reject` on c refuses while a holds one (409), and admits once it ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn takeover_and_reject_hold_across_gateways() {
+    let _serial = SERIAL.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter("info,gatehouse=debug")
         .try_init();
@@ -248,6 +255,7 @@ async fn command_round_trip(be: &mut BackendConn, dev: &mut DeviceSocket, id: &s
 /// API, and straight from the cluster) agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_devices_audit_chain_stays_linear_across_gateways_even_when_two_race() {
+    let _serial = SERIAL.lock().await;
     let nats = NatsCluster::start(3).await;
     let mut control = Backend::start().await;
     let both = RouteSpec {
@@ -351,6 +359,7 @@ async fn a_devices_audit_chain_stays_linear_across_gateways_even_when_two_race()
 /// session on another closes with 4004, and no gateway admits the certificate again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crl_published_once_reaches_every_gateway() {
+    let _serial = SERIAL.lock().await;
     let nats = NatsCluster::start(3).await;
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
@@ -456,6 +465,7 @@ async fn eventually<T: serde::de::DeserializeOwned + Send + 'static>(
 /// One NATS node killed: enrollment, cross-gateway suspension and the audit log go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_one_nats_node_changes_nothing_for_the_fleet() {
+    let _serial = SERIAL.lock().await;
     let mut nats = NatsCluster::start(3).await;
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
@@ -495,6 +505,7 @@ async fn losing_one_nats_node_changes_nothing_for_the_fleet() {
 /// acknowledge them). When NATS returns, all of it recovers by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_every_nats_node_down_each_store_behaves_as_documented_and_recovers() {
+    let _serial = SERIAL.lock().await;
     use futures_util::SinkExt;
     let mut nats = NatsCluster::start(3).await;
     let mut ingest = Backend::start().await;
@@ -612,6 +623,7 @@ impl Drop for Process {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_its_ownership_expires(
 ) {
+    let _serial = SERIAL.lock().await;
     use futures_util::{SinkExt, StreamExt};
     let nats = NatsCluster::start(3).await;
     let mut control = Backend::start().await;

@@ -125,6 +125,7 @@ impl NatsCluster {
     /// meta leader, so buckets with this many replicas can be created.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             let url = format!("nats://127.0.0.1:{}", node.client_port);
             loop {
@@ -139,9 +140,20 @@ impl NatsCluster {
                         .await
                 {
                     let js = async_nats::jetstream::new(client);
-                    if let Ok(Ok(_)) =
-                        tokio::time::timeout(Duration::from_secs(1), js.query_account()).await
-                    {
+                    // Ready when a bucket replicated on every running node can be made: the
+                    // meta leader is elected and knows its peers.
+                    let probe = format!("ready-{}", node.name);
+                    let made = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        js.create_key_value(async_nats::jetstream::kv::Config {
+                            bucket: probe.clone(),
+                            num_replicas: running,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                    if let Ok(Ok(_)) = made {
+                        let _ = js.delete_key_value(&probe).await;
                         break;
                     }
                 }
