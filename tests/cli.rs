@@ -31,6 +31,7 @@ fn setup() -> (tempfile::TempDir, String) {
         server: vec!["shutdown_grace_ms = 2000".into()],
         pki_dir: "pki".into(),
         registry: "registry".into(),
+        cluster: None,
         schemas_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("schemas")
             .to_string_lossy()

@@ -8,10 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nats::NatsCluster;
 use common::*;
 use gatehouse::admin::Call;
 use gatehouse::model::{Device, Enrollment};
+use gatehouse_sim::nats::NatsCluster;
 use tokio_tungstenite::tungstenite::Message;
 
 /// One cluster test at a time: each runs three NATS nodes and three gateways, and on two
@@ -80,7 +80,7 @@ async fn known(gw: &Gateway, id: &str) {
 async fn a_device_enrolled_through_one_gateway_connects_through_another_and_a_suspend_elsewhere_closes_it(
 ) {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
     let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
@@ -121,7 +121,7 @@ async fn a_device_enrolled_through_one_gateway_connects_through_another_and_a_su
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_certificate_cannot_be_enrolled_for_two_devices_through_two_gateways() {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
     let cert = gws[0].issue("x");
@@ -169,7 +169,7 @@ async fn takeover_and_reject_hold_across_gateways() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("info,gatehouse=debug")
         .try_init();
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let mut ingest = Backend::start().await;
     let strict = RouteSpec {
         subprotocol: "strict.v1",
@@ -256,7 +256,7 @@ async fn command_round_trip(be: &mut BackendConn, dev: &mut DeviceSocket, id: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_devices_audit_chain_stays_linear_across_gateways_even_when_two_race() {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let mut control = Backend::start().await;
     let both = RouteSpec {
         extra: "duplicates = \"allow\"\nmax_sessions_per_device = 2",
@@ -360,7 +360,7 @@ async fn a_devices_audit_chain_stays_linear_across_gateways_even_when_two_race()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crl_published_once_reaches_every_gateway() {
     let _serial = SERIAL.lock().await;
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
     let sensor = enroll(&gws[0], "sensor-1", "env-sensor").await;
@@ -446,27 +446,27 @@ async fn gateways_extra(nats: &NatsCluster, routes: Vec<RouteSpec>, extra: &str)
     out
 }
 
-/// Retries an admin call until the cluster takes it (leader elections after a node loss).
+/// Retries an admin call until the cluster takes it (leader elections after a node loss),
+/// for at most 20 s; the last refusal is in the failure message.
 async fn eventually<T: serde::de::DeserializeOwned + Send + 'static>(
     gw: &Gateway,
     call: impl Fn() -> Call,
 ) -> T {
-    within(async {
-        loop {
-            match gw.api::<T>(call()).await {
-                Ok(v) => return v,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+    let deadline = Instant::now() + 2 * common::WAIT;
+    loop {
+        match gw.api::<T>(call()).await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("the cluster never took it: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    })
-    .await
+    }
 }
 
 /// One NATS node killed: enrollment, cross-gateway suspension and the audit log go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_one_nats_node_changes_nothing_for_the_fleet() {
     let _serial = SERIAL.lock().await;
-    let mut nats = NatsCluster::start(3).await;
+    let mut nats = NatsCluster::start(3).await.unwrap();
     let mut ingest = Backend::start().await;
     let gws = gateways(&nats, vec![telemetry_route(vec![ingest.url("/")])]).await;
     nats.kill(0);
@@ -507,7 +507,7 @@ async fn losing_one_nats_node_changes_nothing_for_the_fleet() {
 async fn with_every_nats_node_down_each_store_behaves_as_documented_and_recovers() {
     let _serial = SERIAL.lock().await;
     use futures_util::SinkExt;
-    let mut nats = NatsCluster::start(3).await;
+    let mut nats = NatsCluster::start(3).await.unwrap();
     let mut ingest = Backend::start().await;
     let mut control = Backend::start().await;
     let gws = gateways_extra(
@@ -574,9 +574,9 @@ async fn with_every_nats_node_down_each_store_behaves_as_documented_and_recovers
 
     // NATS returns: admission, registry writes and commands recover by themselves.
     for i in 0..3 {
-        nats.restart(i);
+        nats.restart(i).unwrap();
     }
-    nats.wait_ready().await;
+    nats.wait_ready().await.unwrap();
     let _: Device = eventually(a, || Call::post("/v1/devices/lock-1/suspend")).await;
     within(async {
         while reqwest_status(a, "/readyz").await != 200 {
@@ -625,7 +625,7 @@ async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_i
 ) {
     let _serial = SERIAL.lock().await;
     use futures_util::{SinkExt, StreamExt};
-    let nats = NatsCluster::start(3).await;
+    let nats = NatsCluster::start(3).await.unwrap();
     let mut control = Backend::start().await;
     let route = RouteSpec {
         extra: "duplicates = \"reject\"",

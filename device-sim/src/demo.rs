@@ -150,17 +150,44 @@ async fn faulty_sensor(
 }
 
 /// The demo's certificates: a CA, the gateway's, both fleets and three outsiders.
-struct Pki {
-    dir: PkiDir,
-    sensors: gatehouse_pki::Manifest,
-    locks: gatehouse_pki::Manifest,
-    stolen: gatehouse_pki::ManifestEntry,
-    retired: gatehouse_pki::ManifestEntry,
+pub(crate) struct Pki {
+    pub(crate) dir: PkiDir,
+    pub(crate) sensors: gatehouse_pki::Manifest,
+    pub(crate) locks: gatehouse_pki::Manifest,
+    pub(crate) stolen: gatehouse_pki::ManifestEntry,
+    pub(crate) retired: gatehouse_pki::ManifestEntry,
+}
+
+impl Pki {
+    /// Every device the registry should know: both fleets, the stolen lock (its certificate
+    /// is revoked in the CRL, not in the registry) and the retired sensor.
+    pub(crate) fn enrollments(&self) -> Vec<Enrollment> {
+        let mut all: Vec<Enrollment> = self
+            .sensors
+            .devices
+            .iter()
+            .chain(self.locks.devices.iter())
+            .map(enrollment)
+            .collect();
+        all.push(enrollment(&self.stolen));
+        all.push(enrollment(&self.retired));
+        all
+    }
+
+    /// The last lock: the one whose session is suspended live (so that lock-00001's log,
+    /// shown at the end, is about commands).
+    pub(crate) fn last_lock(&self) -> String {
+        self.locks
+            .devices
+            .last()
+            .map(|d| d.id.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// [1] A CA, the server certificate, both fleets, the intruder, the stolen lock (revoked in
 /// the CRL), the retired sensor, and the audit key.
-fn issue_pki(dir: &std::path::Path, options: &DemoOptions) -> anyhow::Result<Pki> {
+pub(crate) fn issue_pki(dir: &std::path::Path, options: &DemoOptions) -> anyhow::Result<Pki> {
     let started = Instant::now();
     let mut pki = PkiDir::init(dir, false)?;
     pki.issue_server(&["localhost".into()], &["127.0.0.1".parse::<IpAddr>()?])?;
@@ -202,17 +229,26 @@ fn issue_pki(dir: &std::path::Path, options: &DemoOptions) -> anyhow::Result<Pki
 }
 
 /// The sample backends and what they saw.
-struct Backends {
-    ingest_url: String,
-    control_url: String,
-    ingest_stats: Arc<BackendStats>,
-    control_stats: Arc<BackendStats>,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+pub(crate) struct Backends {
+    pub(crate) ingest_url: String,
+    pub(crate) control_url: String,
+    pub(crate) ingest_stats: Arc<BackendStats>,
+    pub(crate) control_stats: Arc<BackendStats>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Backends {
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// [2] The ingest and control backends on free loopback ports.
-async fn start_backends() -> anyhow::Result<Backends> {
+pub(crate) async fn start_backends() -> anyhow::Result<Backends> {
     let stop = CancellationToken::new();
     let ingest_stats = Arc::new(BackendStats::default());
     let control_stats = Arc::new(BackendStats::default());
@@ -255,6 +291,39 @@ struct Gateway {
     task: tokio::task::JoinHandle<Result<(), gatehouse::server::ServerError>>,
 }
 
+/// The shipped schemas, written into `dir/schemas`.
+pub(crate) fn write_schemas(dir: &std::path::Path) -> anyhow::Result<()> {
+    for (device_type, file, text) in SCHEMAS {
+        std::fs::create_dir_all(dir.join("schemas").join(device_type))?;
+        std::fs::write(dir.join("schemas").join(device_type).join(file), text)?;
+    }
+    Ok(())
+}
+
+/// The demo's two routes: telemetry from both types to ingest, control for locks.
+pub(crate) fn routes(backends: &Backends) -> Vec<TemplateRoute> {
+    let route = |subprotocol: &str, kind: &str, types: &[&str], backend: &str| TemplateRoute {
+        subprotocol: subprotocol.into(),
+        kind: kind.into(),
+        device_types: types.iter().map(|t| t.to_string()).collect(),
+        backends: vec![backend.to_string()],
+    };
+    vec![
+        route(
+            "telemetry.v1",
+            "telemetry",
+            &["env-sensor", "door-lock"],
+            &backends.ingest_url,
+        ),
+        route(
+            "control.v1",
+            "control",
+            &["door-lock"],
+            &backends.control_url,
+        ),
+    ]
+}
+
 /// [3] The schemas, the configuration (from the shared template), the registry with both
 /// fleets enrolled and the retired sensor revoked, and the gateway serving.
 async fn start_gateway(
@@ -263,16 +332,7 @@ async fn start_gateway(
     backends: &Backends,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Gateway> {
-    for (device_type, file, text) in SCHEMAS {
-        std::fs::create_dir_all(dir.join("schemas").join(device_type))?;
-        std::fs::write(dir.join("schemas").join(device_type).join(file), text)?;
-    }
-    let route = |subprotocol: &str, kind: &str, types: &[&str], backend: &str| TemplateRoute {
-        subprotocol: subprotocol.into(),
-        kind: kind.into(),
-        device_types: types.iter().map(|t| t.to_string()).collect(),
-        backends: vec![backend.to_string()],
-    };
+    write_schemas(dir)?;
     let config_text = Template {
         listen: "127.0.0.1:0".into(),
         server: vec!["shutdown_grace_ms = 3000".into()],
@@ -287,20 +347,8 @@ async fn start_gateway(
                 "command_timeout_ms = 5000".into(),
             ],
         )),
-        routes: vec![
-            route(
-                "telemetry.v1",
-                "telemetry",
-                &["env-sensor", "door-lock"],
-                &backends.ingest_url,
-            ),
-            route(
-                "control.v1",
-                "control",
-                &["door-lock"],
-                &backends.control_url,
-            ),
-        ],
+        cluster: None,
+        routes: routes(backends),
         limits: Vec::new(),
     }
     .render();
@@ -310,16 +358,7 @@ async fn start_gateway(
     let server = gatehouse::Server::new(config, shutdown.clone()).await?;
     let registry = server.registry();
     let dead_letters = server.deadletters();
-    let mut all: Vec<Enrollment> = pki
-        .sensors
-        .devices
-        .iter()
-        .chain(pki.locks.devices.iter())
-        .map(enrollment)
-        .collect();
-    all.push(enrollment(&pki.stolen));
-    all.push(enrollment(&pki.retired));
-    registry.enroll_many(all)?;
+    registry.enroll_many(pki.enrollments())?;
     registry.set_status("retired-sensor", DeviceStatus::Revoked)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -338,12 +377,13 @@ async fn start_gateway(
 }
 
 /// [4] What the gateway refuses, one probe each.
-async fn probe_refusals(
+pub(crate) async fn probe_refusals(
     target: &Target,
     roots: &Arc<rustls::RootCertStore>,
     pki: &PkiDir,
+    heading: &str,
 ) -> anyhow::Result<Vec<(String, Option<device::Refused>)>> {
-    println!("[4] refusals:");
+    println!("{heading}");
     let mut refusals = Vec::new();
     let probes = [
         (
@@ -401,7 +441,7 @@ async fn show_faulty_sensor(
 }
 
 /// [6] Live session control: an open session ends the moment its device is suspended.
-async fn show_live_suspension(
+pub(crate) async fn show_live_suspension(
     target: &Target,
     roots: &Arc<rustls::RootCertStore>,
     pki: &PkiDir,
@@ -501,16 +541,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     let gateway = start_gateway(&dir, &pki, &backends, &shutdown).await?;
     let target = Target::parse(&format!("wss://localhost:{}/", gateway.addr.port()))?;
     let roots = device::roots(&pki_dir.join(PkiDir::CA_CERT))?;
-    let refusals = probe_refusals(&target, &roots, &pki.dir).await?;
+    let refusals = probe_refusals(&target, &roots, &pki.dir, "[4] refusals:").await?;
     let (faulty, dead_letters) =
         show_faulty_sensor(&target, &roots, &pki.dir, &gateway.dead_letters).await?;
-    // The last lock, so that lock-00001's log shown at the end is about commands.
-    let last_lock = pki
-        .locks
-        .devices
-        .last()
-        .map(|d| d.id.clone())
-        .unwrap_or_default();
+    let last_lock = pki.last_lock();
     let suspension_close =
         show_live_suspension(&target, &roots, &pki.dir, &gateway.registry, &last_lock).await?;
 
@@ -556,10 +590,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
     // [9] Shutdown.
     shutdown.cancel();
     gateway.task.await??;
-    backends.stop.cancel();
-    for task in backends.tasks {
-        let _ = task.await;
-    }
+    let commands_sent = backends.control_stats.commands_sent.load(Ordering::Relaxed);
+    let responses_delivered = backends.control_stats.responses.load(Ordering::Relaxed);
+    backends.stop().await;
     println!("[9] gateway stopped cleanly (sessions closed with 1001, audit log synced and signed, registry flushed)");
 
     let (lock_log, verdict) = show_audit(&dir.join("audit"), &pki_dir.join(PkiDir::AUDIT_PUB))?;
@@ -586,8 +619,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
             .collect(),
         dead_letters,
         suspension_close,
-        commands_sent: backends.control_stats.commands_sent.load(Ordering::Relaxed),
+        commands_sent,
         commands_answered: lock_report.commands_answered,
-        responses_delivered: backends.control_stats.responses.load(Ordering::Relaxed),
+        responses_delivered,
     })
 }

@@ -10,9 +10,15 @@
 //! - [`tunnel`]: plain TCP in, TLS with one device's certificate out, for WebSocket clients
 //!   that cannot present a client certificate.
 //! - [`demo`]: the README's first command: everything in one process, with a summary.
+//! - [`cluster_demo`]: `demo --cluster`: three NATS nodes, three gateways and HAProxy.
+//! - [`nats`], [`haproxy`]: NATS clusters and HAProxy on loopback for the cluster demo, tests
+//!   and benchmarks.
 
 pub mod backends;
+pub mod cluster_demo;
 pub mod demo;
 pub mod device;
 pub mod fleet;
+pub mod haproxy;
+pub mod nats;
 pub mod tunnel;

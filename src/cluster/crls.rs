@@ -77,12 +77,24 @@ pub async fn follow(
                     }
                 }
             };
+            let mut last = 0;
+            let mut lag = super::Lag::default();
+            let mut check = tokio::time::interval(super::LAG_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     n = watch.next() => n,
+                    _ = check.tick() => match super::last_sequence(&store).await {
+                        Some(bucket_last) if lag.stalled(bucket_last, last) => {
+                            tracing::warn!(delivered = last, bucket_last, "cluster CRL watch stalled (its NATS server went away?)");
+                            None
+                        }
+                        _ => continue,
+                    },
                 };
                 let Some(Ok(entry)) = next else { break };
+                last = last.max(entry.revision);
                 match entry.operation {
                     kv::Operation::Put => {
                         published.insert(entry.key.clone(), entry.value.to_vec());

@@ -35,6 +35,40 @@ pub enum ClusterError {
     Credentials { path: String, reason: String },
 }
 
+/// How often a watch is compared with its bucket's last sequence (see [`Lag`]).
+pub(crate) const LAG_CHECK: Duration = Duration::from_secs(1);
+
+/// Notices a watch that has stopped delivering. A KV watch is an ordered consumer on one
+/// server; when that server dies the client notices only after missing two idle heartbeats
+/// (about ten seconds), far beyond the one second a change may take to reach every gateway.
+/// So each follower also asks for the bucket's last sequence every [`LAG_CHECK`]: a watch
+/// that was behind at one check and has still not delivered what the bucket held then at
+/// the next is reopened from the last revision it delivered.
+#[derive(Debug, Default)]
+pub(crate) struct Lag {
+    behind_at: Option<u64>,
+}
+
+impl Lag {
+    /// `bucket_last`: the bucket's last sequence now; `delivered`: the last revision the watch
+    /// delivered. True when the watch should be reopened.
+    pub(crate) fn stalled(&mut self, bucket_last: u64, delivered: u64) -> bool {
+        let stalled = self.behind_at.is_some_and(|was| delivered < was);
+        self.behind_at = (!stalled && bucket_last > delivered).then_some(bucket_last);
+        stalled
+    }
+}
+
+/// The bucket's last sequence, asked of the server (not the cached stream info).
+pub(crate) async fn last_sequence(store: &kv::Store) -> Option<u64> {
+    store
+        .stream
+        .get_info()
+        .await
+        .ok()
+        .map(|info| info.state.last_sequence)
+}
+
 /// Whether the NATS connection is up, and since when it is not.
 #[derive(Debug, Clone, Default)]
 pub struct Link {
@@ -244,4 +278,33 @@ pub(crate) fn block_on<T, E>(
             Err(_) => Err(late(timeout)),
         }
     })
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::Lag;
+
+    #[test]
+    fn a_watch_that_keeps_up_is_never_reopened() {
+        let mut lag = Lag::default();
+        // Changes arrive between checks, as they do within milliseconds.
+        assert!(!lag.stalled(10, 10));
+        assert!(!lag.stalled(12, 11));
+        assert!(!lag.stalled(15, 12));
+        assert!(!lag.stalled(15, 15));
+        assert!(!lag.stalled(15, 15));
+    }
+
+    #[test]
+    fn a_watch_still_behind_at_the_next_check_is_reopened_once() {
+        let mut lag = Lag::default();
+        assert!(!lag.stalled(20, 17));
+        assert!(
+            lag.stalled(21, 17),
+            "17 < 20, what the bucket held a check ago"
+        );
+        // Reopened: the next check starts afresh.
+        assert!(!lag.stalled(21, 17));
+        assert!(!lag.stalled(21, 21), "caught up");
+    }
 }

@@ -33,6 +33,9 @@ use crate::storage::{DeviceStore, Index, RegistryError};
 
 /// A write that lost a compare-and-set race is planned again this many times.
 const WRITE_ATTEMPTS: usize = 8;
+/// A certificate claim younger than this is never taken over as stale (server time; the
+/// margin covers clock differences between gateways and NATS).
+const CLAIM_GRACE: time::Duration = time::Duration::seconds(30);
 /// Pause before a broken watch is opened again.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
 
@@ -234,7 +237,12 @@ impl NatsRegistry {
                 .index
                 .get(&owner)
                 .is_some_and(|d| d.fingerprints.iter().any(|f| f == fp));
-            if holds {
+            // A claim whose device does not hold the certificate is stale (its enrollment
+            // failed, or the device dropped it) unless it is recent: then that enrollment
+            // may be between its claim and its record, and taking it over would give one
+            // certificate to two devices.
+            let age = time::OffsetDateTime::now_utc() - entry.created;
+            if holds || age < CLAIM_GRACE {
                 return Err(RegistryError::FingerprintInUse {
                     sha256: fp.to_string(),
                     other: owner,
@@ -345,19 +353,33 @@ async fn follow(
     watching: Arc<std::sync::atomic::AtomicBool>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let mut lag = super::Lag::default();
+    let mut check = tokio::time::interval(super::LAG_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
-            next = watch.next() => next,
+            next = watch.next() => Some(next),
+            _ = check.tick() => None,
         };
         match next {
-            Some(Ok(entry)) => {
+            Some(Some(Ok(entry))) => {
                 last = last.max(entry.revision);
                 apply_entry(&index, &revisions, entry);
                 continue;
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "cluster registry watch failed; reopening"),
-            None => tracing::warn!("cluster registry watch ended; reopening"),
+            Some(Some(Err(e))) => {
+                tracing::warn!(error = %e, "cluster registry watch failed; reopening")
+            }
+            Some(None) => tracing::warn!("cluster registry watch ended; reopening"),
+            None => match super::last_sequence(&devices).await {
+                Some(bucket_last) if lag.stalled(bucket_last, last) => tracing::warn!(
+                    delivered = last,
+                    bucket_last,
+                    "cluster registry watch stalled (its NATS server went away?); reopening"
+                ),
+                _ => continue,
+            },
         }
         watching.store(false, std::sync::atomic::Ordering::Relaxed);
         loop {

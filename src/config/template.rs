@@ -23,6 +23,8 @@ pub struct Template {
     /// audit.pub with `audit`).
     pub pki_dir: String,
     pub registry: String,
+    /// A whole `[cluster]` section, written in place of `[registry]`.
+    pub cluster: Option<String>,
     pub schemas_dir: String,
     /// `[admin]`: listen address and token file.
     pub admin: Option<(String, String)>,
@@ -59,7 +61,14 @@ impl Template {
             pki("ca.pem"),
             pki("crl.pem")
         );
-        let _ = writeln!(out, "\n[registry]\npath = {}", quoted(&self.registry));
+        match &self.cluster {
+            Some(section) => {
+                let _ = writeln!(out, "\n{}", section.trim_end());
+            }
+            None => {
+                let _ = writeln!(out, "\n[registry]\npath = {}", quoted(&self.registry));
+            }
+        }
         let _ = writeln!(out, "\n[schemas]\ndir = {}", quoted(&self.schemas_dir));
         if let Some((listen, token)) = &self.admin {
             let _ = writeln!(
@@ -112,6 +121,7 @@ mod tests {
             server: vec!["shutdown_grace_ms = 3000".into()],
             pki_dir: "pki".into(),
             registry: "registry".into(),
+            cluster: None,
             schemas_dir: "schemas \"quoted\"".into(),
             admin: None,
             audit: Some(("audit".into(), vec!["command_timeout_ms = 5000".into()])),

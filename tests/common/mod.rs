@@ -30,8 +30,6 @@ pub type Connected = (
     tokio_tungstenite::tungstenite::handshake::client::Response,
 );
 
-pub mod nats;
-
 /// Upper bound for any single wait in a test, so a bug fails the test instead of hanging it.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -308,7 +306,7 @@ pub struct Options {
     pub server_extra: String,
     /// More keys for the [admin] section.
     pub admin_extra: String,
-    /// A `[cluster]` section in place of `[registry]` (see `nats::NatsCluster::section`).
+    /// A `[cluster]` section in place of `[registry]` (see `gatehouse_sim::nats::NatsCluster::section`).
     pub cluster: Option<String>,
     /// The CA to issue the server certificate from (several gateways of one fleet share it);
     /// a fresh one when absent.
