@@ -85,8 +85,14 @@ pub struct Ownership {
     ttl: Duration,
     /// This gateway's holders, by key.
     local: Mutex<HashMap<String, Vec<String>>>,
+    /// What this gateway last wrote or read of its keys (revision, entry): the first
+    /// compare-and-set of a change starts from it instead of reading the entry first.
+    known: Mutex<HashMap<String, Known>>,
     releases: mpsc::UnboundedSender<Held>,
 }
+
+/// A key as last seen: its revision and entry (`None`: deleted).
+type Known = (u64, Option<Entry>);
 
 impl std::fmt::Debug for Ownership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +151,9 @@ impl Claim {
             .ownership
             .cas(&self.held.key, |entry| {
                 match plan::plan_takeover(entry, &me, now_ms(), ttl) {
+                    // Alone already (as this gateway last saw the key): nothing to write. A
+                    // newcomer elsewhere since then takes over from this session in turn.
+                    Plan::Write { evicted, .. } if evicted.is_empty() => (Change::Keep, evicted),
                     Plan::Write { entry, evicted } => (Change::Put(entry), evicted),
                     Plan::Refuse { .. } => (Change::Keep, Vec::new()),
                 }
@@ -201,6 +210,7 @@ impl Ownership {
             subjects,
             ttl,
             local: Mutex::default(),
+            known: Mutex::default(),
             releases,
         });
         let table = end.clone();
@@ -250,6 +260,7 @@ impl Ownership {
                 if let Err(e) = released {
                     tracing::debug!(device.id = %held.device, error = %e, "session ownership not released (it expires)");
                 }
+                this.forget_known(&held.key);
             }
         });
         let this = ownership.clone();
@@ -276,6 +287,21 @@ impl Ownership {
             connection: connection.to_string(),
             since_ms,
             seen_ms: now_ms(),
+        }
+    }
+
+    /// Drops what is known of `key` once no session of this gateway holds it.
+    fn forget_known(&self, key: &str) {
+        let held = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key);
+        if !held {
+            self.known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
         }
     }
 
@@ -413,33 +439,73 @@ impl Ownership {
         }
     }
 
-    /// Reads the entry, lets `f` decide, and writes with compare-and-set, again on a lost race.
+    fn remember(&self, key: &str, now: Option<Known>) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        match now {
+            Some(k) => {
+                known.insert(key.to_string(), k);
+            }
+            None => {
+                known.remove(key);
+            }
+        }
+    }
+
+    /// Lets `f` decide on the entry and writes with compare-and-set, reading the entry again
+    /// after a lost race.
     async fn cas<T>(
         &self,
         key: &str,
         mut f: impl FnMut(Option<&Entry>) -> (Change, T),
     ) -> Result<T, ClusterError> {
         let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(e.to_string());
+        // First from what this gateway knows of the key, or, for a key it has never seen,
+        // on the guess that it is free (the common admission: the device is connected
+        // nowhere): one round trip instead of two. A wrong guess loses the
+        // compare-and-set, and the entry is read.
+        let mut known: Option<Known> = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned();
+        let mut guessed = true;
         for _ in 0..CAS_ATTEMPTS {
-            let current = self.bucket.entry(key).await.map_err(|e| nats(&e))?;
-            let revision = current.as_ref().map(|e| e.revision);
-            let parsed: Option<Entry> = current
-                .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| serde_json::from_slice(&e.value).ok());
+            let (revision, parsed) = match known.take() {
+                Some((rev, entry)) => (Some(rev), entry),
+                None if guessed => (None, None),
+                None => {
+                    let current = self.bucket.entry(key).await.map_err(|e| nats(&e))?;
+                    let revision = current.as_ref().map(|e| e.revision);
+                    let parsed: Option<Entry> = current
+                        .filter(|e| e.operation == kv::Operation::Put)
+                        .and_then(|e| serde_json::from_slice(&e.value).ok());
+                    (revision, parsed)
+                }
+            };
+            let from_store = !guessed;
+            guessed = false;
             let (change, out) = f(parsed.as_ref());
-            let written = match change {
-                Change::Keep => return Ok(out),
+            let written: Result<Option<Known>, Option<ClusterError>> = match change {
+                Change::Keep => {
+                    if from_store {
+                        if let Some(rev) = revision {
+                            self.remember(key, Some((rev, parsed)));
+                        }
+                    }
+                    return Ok(out);
+                }
                 Change::Put(entry) => {
                     let bytes: bytes::Bytes =
                         serde_json::to_vec(&entry).map_err(|e| nats(&e))?.into();
                     match revision {
                         None => match self.bucket.create(key, bytes).await {
-                            Ok(_) => Ok(()),
+                            Ok(rev) => Ok(Some((rev, Some(entry)))),
                             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(None),
                             Err(e) => Err(Some(nats(&e))),
                         },
                         Some(rev) => match self.bucket.update(key, bytes, rev).await {
-                            Ok(_) => Ok(()),
+                            Ok(rev) => Ok(Some((rev, Some(entry)))),
                             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                                 Err(None)
                             }
@@ -450,16 +516,22 @@ impl Ownership {
                 Change::Delete => match revision {
                     None => return Ok(out),
                     Some(rev) => match self.bucket.delete_expect_revision(key, Some(rev)).await {
-                        Ok(()) => Ok(()),
+                        Ok(()) => Ok(None),
                         Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Err(None),
                         Err(e) => Err(Some(nats(&e))),
                     },
                 },
             };
             match written {
-                Ok(()) => return Ok(out),
+                Ok(now) => {
+                    self.remember(key, now);
+                    return Ok(out);
+                }
                 Err(None) => continue,
-                Err(Some(e)) => return Err(e),
+                Err(Some(e)) => {
+                    self.remember(key, None);
+                    return Err(e);
+                }
             }
         }
         Err(ClusterError::Nats(format!(
