@@ -5,6 +5,7 @@
 #
 #   device-sim/bench/handshake.sh              # N=2000 devices per run, ROUNDS=3, REPLICAS=3
 #   STORE=embedded device-sim/bench/handshake.sh   # one store only (embedded or cluster)
+#   NODES=1 REPLICAS=1 STORE=cluster device-sim/bench/handshake.sh
 #
 # Separate processes on loopback: the release gateway, the sample ingest backend, a NATS
 # cluster (`gatehouse-sim nats`) for the cluster store, and the fleet. CPU is the gateway's
@@ -15,6 +16,7 @@ set -euo pipefail
 N=${N:-2000}
 ROUNDS=${ROUNDS:-3}
 REPLICAS=${REPLICAS:-3}
+NODES=${NODES:-3}
 STORES=${STORE:-"embedded cluster"}
 cd "$(dirname "$0")/../.."
 cargo build --release --workspace -q
@@ -39,7 +41,7 @@ for STORE in $STORES; do
     --registry "$W/registry-$STORE" \
     --server "source_handshakes_per_second = 0" --server "max_handshakes = 4000" > "$CFG"
   if [ "$STORE" = cluster ]; then
-    $B/gatehouse-sim nats --nodes 3 > "$W/nats.out" 2> "$W/nats.log" &
+    $B/gatehouse-sim nats --nodes "$NODES" > "$W/nats.out" 2> "$W/nats.log" &
     NATS=$!
     until grep -q '^servers = ' "$W/nats.out" 2>/dev/null; do
       kill -0 $NATS || { cat "$W/nats.log"; exit 1; }
