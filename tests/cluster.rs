@@ -600,6 +600,160 @@ async fn reqwest_status(gw: &Gateway, path: &str) -> u16 {
     }
 }
 
+/// A gateway as its own `gatehouse serve` process, from the harness's configuration with
+/// these listen addresses and more `[server]` keys; returned once its `/readyz` answers.
+async fn gateway_process(
+    options: &Options,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    server_extra: &str,
+) -> (Process, Prepared) {
+    let prepared = prepare(options);
+    let text = std::fs::read_to_string(&prepared.config_path)
+        .unwrap()
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\"\n{server_extra}"),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{admin}\""),
+            1,
+        );
+    std::fs::write(&prepared.config_path, text).unwrap();
+    let log = std::fs::File::create(prepared.dir.path().join("gateway.log")).unwrap();
+    let child = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["serve", "--config"])
+            .arg(&prepared.config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let probe = process_admin(&prepared, admin);
+    within(async {
+        loop {
+            let p = probe.clone();
+            let up = tokio::task::spawn_blocking(move || p.call_text(Call::get("/readyz")).is_ok())
+                .await
+                .unwrap();
+            if up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    (child, prepared)
+}
+
+fn process_admin(
+    prepared: &Prepared,
+    admin: std::net::SocketAddr,
+) -> gatehouse::admin::AdminClient {
+    gatehouse::admin::AdminClient::new(
+        admin,
+        gatehouse::config::AdminToken::new(&prepared.admin_token).unwrap(),
+    )
+}
+
+/// Two gateway processes on one port (`server.reuse_port`), sharing the cluster: the kernel
+/// spreads the devices over both, each admits devices enrolled through a third gateway, and a
+/// suspension through that third one closes a session on whichever process holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateway_processes_share_one_port_with_reuse_port() {
+    let _serial = SERIAL.lock().await;
+    let nats = NatsCluster::start(3).await.unwrap();
+    let ingest = Backend::start().await;
+    let route = telemetry_route(vec![ingest.url("/")]);
+    let gws = gateways(&nats, vec![route.clone()]).await;
+    let port = dead_addr().await;
+    let mut procs = Vec::new();
+    for name in ["p1", "p2"] {
+        let mut options = Options::new(vec![route.clone()]);
+        options.cluster = Some(nats.section(name, 3));
+        options.ca = Some(gws[0].ca.clone());
+        let admin = dead_addr().await;
+        let (child, prepared) = gateway_process(&options, port, admin, "reuse_port = true").await;
+        procs.push((child, process_admin(&prepared, admin), prepared));
+    }
+    let mut certs = Vec::new();
+    for i in 0..16 {
+        let id = format!("sensor-{i}");
+        certs.push((id.clone(), enroll(&gws[0], &id, "env-sensor").await));
+    }
+    for (_, client, _) in &procs {
+        let c = client.clone();
+        within(async {
+            loop {
+                let c = c.clone();
+                let known = tokio::task::spawn_blocking(move || {
+                    c.call::<Device>(Call::get("/v1/devices/sensor-15")).is_ok()
+                })
+                .await
+                .unwrap();
+                if known {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    let mut open = Vec::new();
+    for (_, cert) in &certs {
+        let (ws, _) = connect(
+            port,
+            gws[0].client_config(Some(cert)),
+            &["telemetry.v1"],
+            &[],
+        )
+        .await
+        .unwrap();
+        open.push(ws);
+    }
+    let mut held = Vec::new();
+    for (_, client, _) in &procs {
+        let c = client.clone();
+        let sessions: Vec<gatehouse::session::table::LiveSession> =
+            tokio::task::spawn_blocking(move || c.call(Call::get("/v1/sessions")))
+                .await
+                .unwrap()
+                .unwrap();
+        held.push(sessions);
+    }
+    assert_eq!(held[0].len() + held[1].len(), 16);
+    assert!(
+        !held[0].is_empty() && !held[1].is_empty(),
+        "the kernel spread 16 connections over both processes: {} and {}",
+        held[0].len(),
+        held[1].len()
+    );
+    // A device on the second process, suspended through the in-process gateway.
+    let device = held[1][0].device.clone();
+    let index = certs.iter().position(|(id, _)| *id == device).unwrap();
+    let _: Device = gws[0]
+        .api(Call::post(format!("/v1/devices/{device}/suspend")))
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    assert_eq!(close_of(&mut open[index]).await.0, 4001);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(open);
+    for (mut child, _, _) in procs {
+        child.kill();
+    }
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
 /// A child process, killed (SIGKILL) and reaped at the latest when dropped.
 struct Process(std::process::Child);
 
@@ -640,48 +794,8 @@ async fn a_gateway_killed_mid_command_stream_loses_no_acknowledged_command_and_i
     options.ca = Some(gws[0].ca.clone());
     options.audit = Some(String::new());
     options.audit_key = Some(key.clone());
-    let prepared = prepare(&options);
     let (listen, admin) = (dead_addr().await, dead_addr().await);
-    let text = std::fs::read_to_string(&prepared.config_path)
-        .unwrap()
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{listen}\""),
-            1,
-        )
-        .replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{admin}\""),
-            1,
-        );
-    std::fs::write(&prepared.config_path, text).unwrap();
-    let log = std::fs::File::create(prepared.dir.path().join("k.log")).unwrap();
-    let mut child = Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["serve", "--config"])
-            .arg(&prepared.config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let probe = gatehouse::admin::AdminClient::new(
-        admin,
-        gatehouse::config::AdminToken::new(&prepared.admin_token).unwrap(),
-    );
-    within(async {
-        loop {
-            let p = probe.clone();
-            let up = tokio::task::spawn_blocking(move || p.call_text(Call::get("/readyz")).is_ok())
-                .await
-                .unwrap();
-            if up {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let (mut child, _prepared) = gateway_process(&options, listen, admin, "").await;
 
     let lock = enroll(&gws[0], "lock-1", "door-lock").await;
     let (mut dev, _) = within(async {
