@@ -4,21 +4,11 @@
 //! recorded in docs/benchmarks.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use gatehouse::audit::{AuditLog, WriterConfig};
-use gatehouse::audit::{Record, RecordKind};
-
-fn event(device: String, n: u64) -> Record {
-    Record {
-        device,
-        kind: RecordKind::CommandSent,
-        route: Some("control.v1".into()),
-        command_id: Some(serde_json::json!(n)),
-        payload: Some(format!(r#"{{"command":"unlock","id":{n}}}"#)),
-        ..Default::default()
-    }
-}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -28,9 +18,6 @@ fn main() {
     // Run in the target directory, on the same file system as the build (not tmpfs).
     let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = tempfile::tempdir_in(base).unwrap();
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    let key = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
     let (log, _thread) = AuditLog::open(
         WriterConfig {
             dir: dir.path().to_path_buf(),
@@ -39,14 +26,14 @@ fn main() {
             retention: None,
             metrics: None,
         },
-        key,
+        common::key(),
     )
     .unwrap();
     runtime.block_on(async {
         let n = 2000u64;
         let start = Instant::now();
         for i in 0..n {
-            log.record_durable(event("one".into(), i)).await.unwrap();
+            log.record_durable(common::command("one".into(), i)).await.unwrap();
         }
         let e = start.elapsed();
         println!(
@@ -62,7 +49,7 @@ fn main() {
                 let log = log.clone();
                 tasks.push(tokio::spawn(async move {
                     for i in 0..per {
-                        log.record_durable(event(format!("dev-{d}"), i)).await.unwrap();
+                        log.record_durable(common::command(format!("dev-{d}"), i)).await.unwrap();
                     }
                 }));
             }

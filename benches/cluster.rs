@@ -10,33 +10,19 @@
 //! Results are recorded in docs/benchmarks.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gatehouse::audit::{AuditLog, AuditStore, Record, RecordKind, WriterConfig};
+use common::{command, key};
+use gatehouse::audit::{AuditLog, AuditStore, WriterConfig};
 use gatehouse::cluster::{Cluster, NatsAudit, NatsRegistry};
 use gatehouse::config::cluster::ClusterConfig;
 use gatehouse::model::{DeviceStatus, Enrollment};
 use gatehouse::storage::DeviceStore;
 use hdrhistogram::Histogram;
 use tokio_util::sync::CancellationToken;
-
-fn command(device: String, n: u64) -> Record {
-    Record {
-        device,
-        kind: RecordKind::CommandSent,
-        route: Some("control.v1".into()),
-        command_id: Some(serde_json::json!(n)),
-        payload: Some(format!(r#"{{"command":"unlock","id":{n}}}"#)),
-        ..Default::default()
-    }
-}
-
-fn key() -> aws_lc_rs::signature::Ed25519KeyPair {
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-    aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
-}
 
 fn section(urls: Vec<String>, name: &str, prefix: &str, replicas: usize) -> ClusterConfig {
     ClusterConfig {

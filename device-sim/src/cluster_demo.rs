@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::demo::{self, Backends, Pki};
 use crate::device::{self, Target};
-use crate::fleet::{self, FleetOptions};
+use crate::fleet;
 use crate::haproxy::{self, Haproxy, Upstream};
 use crate::nats::{self, NatsCluster};
 
@@ -484,24 +484,8 @@ pub async fn run(options: ClusterDemoOptions) -> anyhow::Result<ClusterDemoSumma
         "[8] fleet through the balancer: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1, for {:?}",
         options.sensors, options.rate_hz, options.locks, options.duration
     );
-    let base = FleetOptions {
-        target: target.clone(),
-        protocols: "telemetry.v1".into(),
-        rate_hz: options.rate_hz,
-        duration: options.duration,
-        connect_rate: 200,
-        connect_timeout: Duration::from_secs(5),
-        sources: Vec::new(),
-        response_delay: Duration::from_millis(5),
-        error_rate: 0.1,
-    };
-    let sensor_devices = fleet::from_manifest(&pki_dir.join("fleet-sensor.json"), &roots)?;
-    let lock_devices = fleet::from_manifest(&pki_dir.join("fleet-lock.json"), &roots)?;
-    let lock_options = FleetOptions {
-        protocols: "control.v1, telemetry.v1".into(),
-        rate_hz: 0.0,
-        ..base.clone()
-    };
+    let [(sensor_devices, base), (lock_devices, lock_options)] =
+        demo::fleets(&pki_dir, &roots, &target, options.rate_hz, options.duration)?;
     let halfway = async {
         // Not a readiness wait: a look at the cluster while the fleet is connected.
         tokio::time::sleep(options.duration / 2).await;

@@ -324,6 +324,43 @@ pub(crate) fn routes(backends: &Backends) -> Vec<TemplateRoute> {
     ]
 }
 
+/// The demo's two fleets and how each runs: sensors sending telemetry, locks on control.v1
+/// answering commands (one in ten with an error).
+pub(crate) fn fleets(
+    pki_dir: &std::path::Path,
+    roots: &Arc<rustls::RootCertStore>,
+    target: &Target,
+    rate_hz: f64,
+    duration: Duration,
+) -> anyhow::Result<[(Vec<fleet::FleetDevice>, FleetOptions); 2]> {
+    let sensors = FleetOptions {
+        target: target.clone(),
+        protocols: "telemetry.v1".into(),
+        rate_hz,
+        duration,
+        connect_rate: 200,
+        connect_timeout: Duration::from_secs(5),
+        sources: Vec::new(),
+        response_delay: Duration::from_millis(5),
+        error_rate: 0.1,
+    };
+    let locks = FleetOptions {
+        protocols: "control.v1, telemetry.v1".into(),
+        rate_hz: 0.0,
+        ..sensors.clone()
+    };
+    Ok([
+        (
+            fleet::from_manifest(&pki_dir.join("fleet-sensor.json"), roots)?,
+            sensors,
+        ),
+        (
+            fleet::from_manifest(&pki_dir.join("fleet-lock.json"), roots)?,
+            locks,
+        ),
+    ])
+}
+
 /// [3] The schemas, the configuration (from the shared template), the registry with both
 /// fleets enrolled and the retired sensor revoked, and the gateway serving.
 async fn start_gateway(
@@ -553,24 +590,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoSummary> {
         "[7] fleet: {} sensors on telemetry.v1 at {} frame(s)/s and {} locks on control.v1 answering commands, for {:?}",
         options.sensors, options.rate_hz, options.locks, options.duration
     );
-    let base = FleetOptions {
-        target: target.clone(),
-        protocols: "telemetry.v1".into(),
-        rate_hz: options.rate_hz,
-        duration: options.duration,
-        connect_rate: 200,
-        connect_timeout: Duration::from_secs(5),
-        sources: Vec::new(),
-        response_delay: Duration::from_millis(5),
-        error_rate: 0.1,
-    };
-    let sensor_devices = fleet::from_manifest(&pki_dir.join("fleet-sensor.json"), &roots)?;
-    let lock_devices = fleet::from_manifest(&pki_dir.join("fleet-lock.json"), &roots)?;
-    let lock_options = FleetOptions {
-        protocols: "control.v1, telemetry.v1".into(),
-        rate_hz: 0.0,
-        ..base.clone()
-    };
+    let [(sensor_devices, base), (lock_devices, lock_options)] =
+        fleets(&pki_dir, &roots, &target, options.rate_hz, options.duration)?;
     let (sensor_report, lock_report) = tokio::join!(
         fleet::run(sensor_devices, base, shutdown.child_token()),
         fleet::run(lock_devices, lock_options, shutdown.child_token()),
