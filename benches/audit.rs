@@ -6,29 +6,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use gatehouse::audit::{AuditLog, WriterConfig};
+use std::time::Instant;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    // Run in the target directory, on the same file system as the build (not tmpfs).
-    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let (log, _thread) = AuditLog::open(
-        WriterConfig {
-            dir: dir.path().to_path_buf(),
-            segment_bytes: 64 << 20,
-            checkpoint_interval: Duration::from_secs(10),
-            retention: None,
-            metrics: None,
-        },
-        common::key(),
-    )
-    .unwrap();
+    let (_dir, log, _thread) = common::local_log();
     runtime.block_on(async {
         let n = 2000u64;
         let start = Instant::now();

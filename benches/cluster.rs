@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{command, key};
-use gatehouse::audit::{AuditLog, AuditStore, WriterConfig};
+use gatehouse::audit::AuditStore;
 use gatehouse::cluster::{Cluster, NatsAudit, NatsRegistry};
 use gatehouse::config::cluster::ClusterConfig;
 use gatehouse::model::{DeviceStatus, Enrollment};
@@ -177,20 +177,7 @@ fn main() {
             .unwrap();
         let shutdown = CancellationToken::new();
 
-        // Local segments, in the target directory (the build's file system, not tmpfs).
-        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let (log, _thread) = AuditLog::open(
-            WriterConfig {
-                dir: dir.path().to_path_buf(),
-                segment_bytes: 64 << 20,
-                checkpoint_interval: Duration::from_secs(10),
-                retention: None,
-                metrics: None,
-            },
-            key(),
-        )
-        .unwrap();
+        let (_dir, log, _thread) = common::local_log();
         audit_latency("local segments", Arc::new(log)).await;
         for replicas in [1usize, 3] {
             let prefix = format!("bench-r{replicas}");

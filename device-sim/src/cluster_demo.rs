@@ -247,11 +247,7 @@ async fn suspend_elsewhere(
     id: &str,
     owners: &mut BTreeMap<String, &'static str>,
 ) -> anyhow::Result<Suspension> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let cert = std::fs::read(pki.device_cert_path(id))?;
-    let key = std::fs::read(pki.device_key_path(id))?;
-    let config = device::client_config(roots.clone(), &cert, &key)?;
+    let config = demo::device_config(roots, pki, id)?;
     let (mut ws, _) = device::connect(target, config, "control.v1", None, Duration::from_secs(5))
         .await
         .map_err(|e| anyhow::anyhow!("{id} was refused: {e}"))?;
@@ -275,17 +271,7 @@ async fn suspend_elsewhere(
     let _: serde_json::Value = other
         .api(Call::post(format!("/v1/devices/{id}/suspend")))
         .await?;
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(frame) = msg {
-                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
+    let close = device::next_close(&mut ws, Duration::from_secs(5)).await;
     let elapsed = asked.elapsed();
     match &close {
         Some((code, reason)) => println!(

@@ -95,9 +95,7 @@ async fn faulty_sensor(
 ) -> anyhow::Result<Faulty> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let cert = std::fs::read(pki.device_cert_path("sensor-00001"))?;
-    let key = std::fs::read(pki.device_key_path("sensor-00001"))?;
-    let config = device::client_config(roots.clone(), &cert, &key)?;
+    let config = device_config(roots, pki, "sensor-00001")?;
     let (mut ws, _) = device::connect(target, config, "telemetry.v1", None, Duration::from_secs(5))
         .await
         .map_err(|r| anyhow::anyhow!("faulty sensor refused: {r}"))?;
@@ -291,6 +289,17 @@ struct Gateway {
     task: tokio::task::JoinHandle<Result<(), gatehouse::server::ServerError>>,
 }
 
+/// The TLS client configuration of device `id` of the demo's pki directory.
+pub(crate) fn device_config(
+    roots: &Arc<rustls::RootCertStore>,
+    pki: &PkiDir,
+    id: &str,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let cert = std::fs::read(pki.device_cert_path(id))?;
+    let key = std::fs::read(pki.device_key_path(id))?;
+    device::client_config(roots.clone(), &cert, &key)
+}
+
 /// The shipped schemas, written into `dir/schemas`.
 pub(crate) fn write_schemas(dir: &std::path::Path) -> anyhow::Result<()> {
     for (device_type, file, text) in SCHEMAS {
@@ -437,9 +446,7 @@ pub(crate) async fn probe_refusals(
         ),
     ];
     for (id, what, proto) in probes {
-        let cert = std::fs::read(pki.device_cert_path(id))?;
-        let key = std::fs::read(pki.device_key_path(id))?;
-        let config = device::client_config(roots.clone(), &cert, &key)?;
+        let config = device_config(roots, pki, id)?;
         let result = device::connect(target, config, proto, None, Duration::from_secs(5)).await;
         let verdict = match &result {
             Ok(_) => "ADMITTED (unexpected)".to_string(),
@@ -485,29 +492,15 @@ pub(crate) async fn show_live_suspension(
     registry: &Arc<dyn gatehouse::storage::DeviceStore>,
     id: &str,
 ) -> anyhow::Result<Option<u16>> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     println!("[6] live session control: {id} holds a control.v1 session; an operator suspends it (`gatehouse devices suspend {id}`):");
-    let cert = std::fs::read(pki.device_cert_path(id))?;
-    let key = std::fs::read(pki.device_key_path(id))?;
-    let config = device::client_config(roots.clone(), &cert, &key)?;
+    let config = device_config(roots, pki, id)?;
     let (mut ws, _) = device::connect(target, config, "control.v1", None, Duration::from_secs(5))
         .await
         .map_err(|e| anyhow::anyhow!("{id} was refused: {e}"))?;
     let asked = std::time::Instant::now();
     let (r, owned) = (registry.clone(), id.to_string());
     tokio::task::spawn_blocking(move || r.set_status(&owned, DeviceStatus::Suspended)).await??;
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(frame) = msg {
-                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
+    let close = device::next_close(&mut ws, Duration::from_secs(5)).await;
     match &close {
         Some((code, reason)) => println!(
             "    its open session closed with {code} \"{reason}\" {:.1} ms after the suspension (its backend got the same close; the close is in its audit log)",

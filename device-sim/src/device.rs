@@ -118,6 +118,24 @@ fn classify_io(e: &std::io::Error) -> Refused {
 
 /// Connects one device: TCP (from `source`, if given), TLS, WebSocket upgrade offering
 /// `protocols`. Returns the socket and the subprotocol the gateway chose.
+/// The code and reason of the next close frame on `ws` (data frames skipped), if one comes
+/// within `within`.
+pub async fn next_close(ws: &mut DeviceSocket, within: Duration) -> Option<(u16, String)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(within, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 pub async fn connect(
     target: &Target,
     config: Arc<ClientConfig>,
