@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+mod common;
+
 use gatehouse_sim::cluster_demo::{run, Balancer, ClusterDemoOptions, ClusterDemoSummary};
-use gatehouse_sim::device::Refused;
 
 /// One three-node NATS cluster and three gateways at a time on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -32,24 +33,7 @@ fn check(s: &ClusterDemoSummary) {
     for (name, known) in &s.known_per_gateway {
         assert_eq!(*known, devices, "{name}");
     }
-    let verdict = |id: &str| s.refusals.iter().find(|(i, _)| i == id).unwrap().1.clone();
-    assert_eq!(
-        verdict("intruder"),
-        Some(Refused::Http {
-            status: 403,
-            code: "unknown-device".into()
-        })
-    );
-    assert!(
-        matches!(verdict("stolen-lock"), Some(Refused::Tls(a)) if a.contains("CertificateRevoked"))
-    );
-    assert_eq!(
-        verdict("retired-sensor"),
-        Some(Refused::Http {
-            status: 403,
-            code: "device-revoked".into()
-        })
-    );
+    common::assert_refusals(&s.refusals);
     // Suspended through one gateway, closed by the one holding the session, within a second.
     let sus = &s.suspension;
     assert_ne!(sus.held_on, sus.suspended_through);

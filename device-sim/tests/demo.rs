@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+mod common;
+
 use gatehouse_sim::demo::{run, DemoOptions};
-use gatehouse_sim::device::Refused;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_refuses_what_it_should_and_delivers_everything_else() {
@@ -17,31 +18,7 @@ async fn demo_refuses_what_it_should_and_delivers_everything_else() {
     })
     .await
     .unwrap();
-    let verdict = |id: &str| s.refusals.iter().find(|(i, _)| i == id).unwrap().1.clone();
-    assert_eq!(
-        verdict("intruder"),
-        Some(Refused::Http {
-            status: 403,
-            code: "unknown-device".into()
-        })
-    );
-    assert!(
-        matches!(verdict("stolen-lock"), Some(Refused::Tls(a)) if a.contains("CertificateRevoked"))
-    );
-    assert_eq!(
-        verdict("retired-sensor"),
-        Some(Refused::Http {
-            status: 403,
-            code: "device-revoked".into()
-        })
-    );
-    assert_eq!(
-        verdict("sensor-00001"),
-        Some(Refused::Http {
-            status: 400,
-            code: "no-route".into()
-        })
-    );
+    common::assert_refusals(&s.refusals);
     assert_eq!(s.sensors_connected, 4);
     assert_eq!(s.locks_connected, 2);
     assert!(s.telemetry_sent >= 4 * 4, "{s:?}");
