@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::fleet::Latency;
+
 /// Counters a backend keeps.
 #[derive(Debug, Default)]
 pub struct BackendStats {
@@ -28,6 +30,49 @@ pub struct BackendStats {
     pub responses: AtomicU64,
     pub missing_identity: AtomicU64,
     per_device: Mutex<BTreeMap<String, u64>>,
+    latencies: Mutex<Latencies>,
+}
+
+#[derive(Debug, Default)]
+struct Latencies {
+    telemetry: Latency,
+    command_round_trip: Latency,
+}
+
+/// What `/stats` answers: the counters and both latency distributions.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct StatsReport {
+    pub connections: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub commands_sent: u64,
+    pub responses: u64,
+    pub missing_identity: u64,
+    pub devices: u64,
+    /// The frame's `ts` (milliseconds since the epoch) to its arrival here.
+    pub telemetry_latency: Latency,
+    /// A command sent to its answer received.
+    pub command_round_trip: Latency,
+}
+
+/// Asks a sample backend for its figures (`ws://HOST:PORT`); with `reset`, it also starts its
+/// latency distributions afresh (what a fleet run does at its start).
+pub async fn fetch_stats(base: &str, reset: bool) -> anyhow::Result<StatsReport> {
+    let url = format!(
+        "{}/stats{}",
+        base.trim_end_matches('/'),
+        if reset { "/reset" } else { "" }
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    while let Some(msg) = ws.next().await {
+        if let Message::Text(t) = msg.map_err(|e| anyhow::anyhow!("{url}: {e}"))? {
+            let _ = ws.close(None).await;
+            return serde_json::from_str(&t).map_err(|e| anyhow::anyhow!("{url}: {e}"));
+        }
+    }
+    anyhow::bail!("{url}: closed without an answer")
 }
 
 impl BackendStats {
@@ -48,6 +93,59 @@ impl BackendStats {
             .unwrap_or_else(|e| e.into_inner())
             .entry(device.to_string())
             .or_default() += 1;
+    }
+
+    /// The counters and latency distributions now; `reset` empties the distributions.
+    pub fn report(&self, reset: bool) -> StatsReport {
+        let mut lat = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let out = StatsReport {
+            connections: l(&self.connections),
+            frames: l(&self.frames),
+            bytes: l(&self.bytes),
+            commands_sent: l(&self.commands_sent),
+            responses: l(&self.responses),
+            missing_identity: l(&self.missing_identity),
+            devices: self.per_device().len() as u64,
+            telemetry_latency: lat.telemetry.clone(),
+            command_round_trip: lat.command_round_trip.clone(),
+        };
+        if reset {
+            *lat = Latencies::default();
+        }
+        out
+    }
+
+    fn record_telemetry(&self, frame: &Message) {
+        let ts = match frame {
+            Message::Text(t) => serde_json::from_str::<serde_json::Value>(t)
+                .ok()
+                .and_then(|v| v.get("ts").and_then(|t| t.as_i64())),
+            Message::Binary(b) => ciborium::from_reader::<serde_json::Value, _>(&b[..])
+                .ok()
+                .and_then(|v| v.get("ts").and_then(|t| t.as_i64())),
+            _ => None,
+        };
+        let Some(ts) = ts else { return };
+        // `ts` is whole milliseconds (what device schemas carry), so this is an upper bound:
+        // the true latency is up to 1 ms less.
+        let now_us = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+        let latency = now_us - ts.saturating_mul(1000);
+        if ts > 0 && (0..3_600_000_000).contains(&latency) {
+            self.latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .telemetry
+                .record(latency as u64);
+        }
+    }
+
+    fn record_round_trip(&self, us: u64) {
+        self.latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .command_round_trip
+            .record(us);
     }
 
     pub fn summary(&self, name: &str) -> String {
@@ -123,8 +221,14 @@ async fn connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let mut device = String::new();
+    let mut stats_request = None;
     #[allow(clippy::result_large_err)] // tungstenite's callback signature
     let callback = |req: &Request, mut resp: Response| {
+        match req.uri().path() {
+            "/stats" => stats_request = Some(false),
+            "/stats/reset" => stats_request = Some(true),
+            _ => {}
+        }
         device = req
             .headers()
             .get("x-gatehouse-device-id")
@@ -147,6 +251,16 @@ async fn connection(
     else {
         return;
     };
+    if let Some(reset) = stats_request {
+        let report = serde_json::to_string(&stats.report(reset)).unwrap_or_default();
+        let _ = ws.send(Message::text(report)).await;
+        let _ = ws.close(None).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        return;
+    }
     stats.connections.fetch_add(1, Ordering::Relaxed);
     if device.is_empty() {
         stats.missing_identity.fetch_add(1, Ordering::Relaxed);
@@ -187,15 +301,18 @@ async fn connection(
                         return;
                     }
                 }
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) if interval.is_none() => {
+                    stats.add_frame(&device, msg.len());
+                    stats.record_telemetry(&msg);
+                }
                 Some(Ok(Message::Text(t))) => {
                     stats.add_frame(&device, t.len());
                     let id = serde_json::from_str::<serde_json::Value>(&t)
                         .ok()
                         .and_then(|v| v.get("id").and_then(|i| i.as_u64()));
-                    if let Some(id) = id {
-                        if open.remove(&id).is_some() {
-                            stats.responses.fetch_add(1, Ordering::Relaxed);
-                        }
+                    if let Some(sent) = id.and_then(|id| open.remove(&id)) {
+                        stats.responses.fetch_add(1, Ordering::Relaxed);
+                        stats.record_round_trip(sent.elapsed().as_micros() as u64);
                     }
                 }
                 Some(Ok(Message::Binary(b))) => stats.add_frame(&device, b.len()),

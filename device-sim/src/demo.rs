@@ -343,15 +343,13 @@ pub(crate) fn fleets(
     duration: Duration,
 ) -> anyhow::Result<[(Vec<fleet::FleetDevice>, FleetOptions); 2]> {
     let sensors = FleetOptions {
-        target: target.clone(),
-        protocols: "telemetry.v1".into(),
         rate_hz,
         duration,
         connect_rate: 200,
         connect_timeout: Duration::from_secs(5),
-        sources: Vec::new(),
         response_delay: Duration::from_millis(5),
         error_rate: 0.1,
+        ..FleetOptions::new(target.clone(), "telemetry.v1")
     };
     let locks = FleetOptions {
         protocols: "control.v1, telemetry.v1".into(),

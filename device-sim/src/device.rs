@@ -87,6 +87,8 @@ pub enum Refused {
     Http {
         status: u16,
         code: String,
+        /// The response's `Retry-After`, in delta-seconds.
+        retry_after: Option<Duration>,
     },
     /// The TLS handshake failed (the alert or error).
     Tls(String),
@@ -98,10 +100,20 @@ pub enum Refused {
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refused::Http { status, code } => write!(f, "HTTP {status} {code}"),
+            Refused::Http { status, code, .. } => write!(f, "HTTP {status} {code}"),
             Refused::Tls(e) => write!(f, "TLS {e}"),
             Refused::Transport(e) => write!(f, "transport: {e}"),
             Refused::Timeout => f.write_str("timeout"),
+        }
+    }
+}
+
+impl Refused {
+    /// How long the gateway asked the device to wait before trying again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refused::Http { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
@@ -116,8 +128,6 @@ fn classify_io(e: &std::io::Error) -> Refused {
     Refused::Transport(e.kind().to_string())
 }
 
-/// Connects one device: TCP (from `source`, if given), TLS, WebSocket upgrade offering
-/// `protocols`. Returns the socket and the subprotocol the gateway chose.
 /// The code and reason of the next close frame on `ws` (data frames skipped), if one comes
 /// within `within`.
 pub async fn next_close(ws: &mut DeviceSocket, within: Duration) -> Option<(u16, String)> {
@@ -136,6 +146,8 @@ pub async fn next_close(ws: &mut DeviceSocket, within: Duration) -> Option<(u16,
     .flatten()
 }
 
+/// Connects one device: TCP (from `source`, if given), TLS, WebSocket upgrade offering
+/// `protocols`. Returns the socket and the subprotocol the gateway chose.
 pub async fn connect(
     target: &Target,
     config: Arc<ClientConfig>,
@@ -196,6 +208,11 @@ pub async fn connect(
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-")
                     .to_string(),
+                retry_after: resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::fleet::backoff::parse_retry_after),
             }),
             Err(tokio_tungstenite::tungstenite::Error::Io(e)) => Err(classify_io(&e)),
             Err(e) => Err(Refused::Transport(e.to_string())),

@@ -27,6 +27,102 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// Gateway URL, e.g. wss://localhost:8443/
+    #[arg(long)]
+    url: String,
+    /// A gatehouse-pki directory (every unrevoked device in it).
+    #[arg(
+        long,
+        conflicts_with = "manifest",
+        required_unless_present = "manifest"
+    )]
+    dir: Option<PathBuf>,
+    /// A fleet manifest from `gatehouse-pki fleet`.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Only devices of this type (with --dir).
+    #[arg(long = "type")]
+    device_type: Option<String>,
+    /// CA that signed the gateway's certificate (default: DIR/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Subprotocols to offer, comma-separated.
+    #[arg(long, default_value = "telemetry.v1")]
+    subprotocol: String,
+    /// Telemetry frames per second per device.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Seconds each device runs (reconnects included).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Connect at most this many devices.
+    #[arg(long)]
+    count: Option<usize>,
+    /// New connections per second (across all worker processes).
+    #[arg(long, default_value_t = 500)]
+    connect_rate: u32,
+    /// Seconds a connection attempt may take (TCP, TLS and upgrade).
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
+    /// Source addresses to spread connections over (repeatable), e.g. 127.0.0.2.
+    #[arg(long = "source")]
+    sources: Vec<IpAddr>,
+    /// Milliseconds before answering a command.
+    #[arg(long, default_value_t = 0)]
+    response_delay_ms: u64,
+    /// Fraction of commands answered with a failure (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Schema directory: telemetry generated from each type's telemetry.schema.json
+    /// (without it, a fixed JSON shape per known type).
+    #[arg(long)]
+    schemas: Option<PathBuf>,
+    /// Telemetry encoding: json (text frames), cbor (binary frames) or mix.
+    #[arg(long, default_value = "json")]
+    format: fleet::Encoding,
+    /// Share of telemetry frames that fail the schema on purpose (0.0-1.0; needs --schemas).
+    #[arg(long, default_value_t = 0.0)]
+    invalid_share: f64,
+    /// Pad telemetry frames to about this many bytes (needs --schemas with a free-form
+    /// string property).
+    #[arg(long)]
+    frame_bytes: Option<usize>,
+    /// Reconnect after a close or a refusal, with exponential backoff and jitter, at least
+    /// the gateway's Retry-After.
+    #[arg(long)]
+    reconnect: bool,
+    /// First reconnect delay (before jitter), milliseconds.
+    #[arg(long, default_value_t = 500)]
+    backoff_initial_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    backoff_max_ms: u64,
+    /// Share of devices (0.0-1.0) that never reconnect.
+    #[arg(long, default_value_t = 0.0)]
+    never_reconnect: f64,
+    /// Seed of every random choice (jitter, invalid frames, encodings).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Worker processes (0: one per --per-process devices).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Most devices one process connects before the fleet is split over worker processes.
+    #[arg(long, default_value_t = 8000)]
+    per_process: usize,
+    /// Sample backends (ws://HOST:PORT) whose end-to-end telemetry latency and command round
+    /// trip go into the report (repeatable).
+    #[arg(long = "backend-stats")]
+    backend_stats: Vec<String>,
+    /// Print the report as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run as worker INDEX/COUNT of a coordinator (internal).
+    #[arg(long, hide = true)]
+    worker: Option<fleet::workers::Partition>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a gateway, sample backends and a fleet in a temporary directory, and report.
@@ -54,51 +150,7 @@ enum Command {
         replicas: usize,
     },
     /// Connect a fleet of devices, each with its own certificate.
-    Fleet {
-        /// Gateway URL, e.g. wss://localhost:8443/
-        #[arg(long)]
-        url: String,
-        /// A gatehouse-pki directory (every unrevoked device in it).
-        #[arg(
-            long,
-            conflicts_with = "manifest",
-            required_unless_present = "manifest"
-        )]
-        dir: Option<PathBuf>,
-        /// A fleet manifest from `gatehouse-pki fleet`.
-        #[arg(long)]
-        manifest: Option<PathBuf>,
-        /// Only devices of this type (with --dir).
-        #[arg(long = "type")]
-        device_type: Option<String>,
-        /// CA that signed the gateway's certificate (default: DIR/ca.pem).
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// Subprotocols to offer, comma-separated.
-        #[arg(long, default_value = "telemetry.v1")]
-        subprotocol: String,
-        /// Telemetry frames per second per device.
-        #[arg(long, default_value_t = 1.0)]
-        rate: f64,
-        /// Seconds each device stays connected.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Connect at most this many devices.
-        #[arg(long)]
-        count: Option<usize>,
-        /// New connections per second.
-        #[arg(long, default_value_t = 500)]
-        connect_rate: u32,
-        /// Source addresses to spread connections over (repeatable), e.g. 127.0.0.2.
-        #[arg(long = "source")]
-        sources: Vec<IpAddr>,
-        /// Milliseconds before answering a command.
-        #[arg(long, default_value_t = 0)]
-        response_delay_ms: u64,
-        /// Fraction of commands answered with a failure (0.0-1.0).
-        #[arg(long, default_value_t = 0.0)]
-        error_rate: f64,
-    },
+    Fleet(Box<FleetArgs>),
     /// Print a gateway configuration for a gatehouse-pki directory and one telemetry route
     /// (what the benchmark scripts run with).
     Config {
@@ -258,63 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
-        Command::Fleet {
-            url,
-            dir,
-            manifest,
-            device_type,
-            ca,
-            subprotocol,
-            rate,
-            seconds,
-            count,
-            connect_rate,
-            sources,
-            response_delay_ms,
-            error_rate,
-        } => {
-            anyhow::ensure!(
-                (0.0..=1.0).contains(&error_rate),
-                "--error-rate must be between 0 and 1"
-            );
-            let target = Target::parse(&url)?;
-            let ca = match (&ca, &dir, &manifest) {
-                (Some(ca), _, _) => ca.clone(),
-                (None, Some(dir), _) => fleet::default_ca(dir),
-                (None, None, Some(m)) => {
-                    fleet::default_ca(m.parent().unwrap_or(std::path::Path::new(".")))
-                }
-                (None, None, None) => anyhow::bail!("give --dir or --manifest"),
-            };
-            let roots = device::roots(&ca)?;
-            let mut devices = match (&dir, &manifest) {
-                (Some(dir), _) => fleet::from_pki_dir(dir, &roots, device_type.as_deref())?,
-                (None, Some(m)) => fleet::from_manifest(m, &roots)?,
-                (None, None) => anyhow::bail!("give --dir or --manifest"),
-            };
-            if let Some(n) = count {
-                devices.truncate(n);
-            }
-            anyhow::ensure!(!devices.is_empty(), "no devices to connect");
-            let report = fleet::run(
-                devices,
-                FleetOptions {
-                    target,
-                    protocols: subprotocol,
-                    rate_hz: rate,
-                    duration: Duration::from_secs(seconds),
-                    connect_rate,
-                    connect_timeout: Duration::from_secs(10),
-                    sources,
-                    response_delay: Duration::from_millis(response_delay_ms),
-                    error_rate,
-                },
-                ctrl_c_token(),
-            )
-            .await;
-            report.print();
-            Ok(())
-        }
+        Command::Fleet(args) => fleet_command(*args).await,
         Command::Config {
             listen,
             pki,
@@ -415,6 +411,189 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// `gatehouse-sim fleet`: one process, or a coordinator of worker processes.
+async fn fleet_command(args: FleetArgs) -> anyhow::Result<()> {
+    for (name, share) in [
+        ("--error-rate", args.error_rate),
+        ("--invalid-share", args.invalid_share),
+        ("--never-reconnect", args.never_reconnect),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "{name} must be between 0 and 1"
+        );
+    }
+    anyhow::ensure!(args.per_process >= 1, "--per-process must be at least 1");
+    let generated = args.format != fleet::Encoding::Json
+        || args.invalid_share > 0.0
+        || args.frame_bytes.is_some();
+    anyhow::ensure!(
+        args.schemas.is_some() || !generated,
+        "--format cbor/mix, --invalid-share and --frame-bytes need --schemas"
+    );
+    let target = Target::parse(&args.url)?;
+    let entries = match (&args.dir, &args.manifest) {
+        (Some(dir), _) => fleet::entries_from_pki_dir(dir, args.device_type.as_deref())?,
+        (None, Some(m)) => fleet::entries_from_manifest(m)?,
+        (None, None) => anyhow::bail!("give --dir or --manifest"),
+    };
+    let mut entries = entries;
+    if let Some(n) = args.count {
+        entries.truncate(n);
+    }
+    anyhow::ensure!(!entries.is_empty(), "no devices to connect");
+    let shutdown = ctrl_c_token();
+    let workers = match (args.worker, args.workers) {
+        (Some(_), _) => 1,
+        (None, 0) => entries.len().div_ceil(args.per_process),
+        (None, n) => n,
+    };
+    if workers > 1 {
+        let exe = std::env::current_exe()?;
+        let passed: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let devices = entries.len() as u64;
+        let stats = reset_backend_stats(&args.backend_stats).await?;
+        eprintln!("fleet: {devices} devices over {workers} worker processes");
+        let mut before = fleet::Progress::default();
+        let mut last = Duration::ZERO;
+        let mut report = fleet::workers::coordinate(
+            &exe,
+            &passed,
+            workers,
+            |p, elapsed| {
+                eprintln!("{}", p.line(elapsed, devices, &before, elapsed - last));
+                before = *p;
+                last = elapsed;
+            },
+            shutdown,
+        )
+        .await?;
+        report.backends = backend_figures(&args.backend_stats, stats).await?;
+        return print_report(&report, args.json);
+    }
+    let partition = args.worker;
+    if let Some(p) = partition {
+        entries = p.select(entries);
+    }
+    let roots = device::roots(&match (&args.ca, &args.dir, &args.manifest) {
+        (Some(ca), _, _) => ca.clone(),
+        (None, Some(dir), _) => fleet::default_ca(dir),
+        (None, None, Some(m)) => fleet::default_ca(m.parent().unwrap_or(std::path::Path::new("."))),
+        (None, None, None) => anyhow::bail!("give --dir or --manifest"),
+    })?;
+    let devices = fleet::load_all(&entries, &roots)?;
+    let payloads = match &args.schemas {
+        Some(dir) => fleet::Payloads::load(dir, devices.iter().map(|d| d.device_type.as_str()))?,
+        None => fleet::Payloads::default(),
+    };
+    let options = FleetOptions {
+        rate_hz: args.rate,
+        duration: Duration::from_secs(args.seconds),
+        connect_rate: partition.map_or(args.connect_rate, |p| p.share(args.connect_rate)),
+        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        sources: args.sources.clone(),
+        response_delay: Duration::from_millis(args.response_delay_ms),
+        error_rate: args.error_rate,
+        payloads,
+        encoding: args.format,
+        invalid_share: args.invalid_share,
+        frame_bytes: args.frame_bytes,
+        reconnect: args.reconnect.then(|| fleet::Backoff {
+            initial: Duration::from_millis(args.backoff_initial_ms.max(1)),
+            max: Duration::from_millis(args.backoff_max_ms.max(args.backoff_initial_ms)),
+            never_share: args.never_reconnect,
+            ..fleet::Backoff::default()
+        }),
+        seed: args.seed,
+        ..FleetOptions::new(target, args.subprotocol.clone())
+    };
+    let stats = match partition {
+        Some(_) => None,
+        None => reset_backend_stats(&args.backend_stats).await?,
+    };
+    let live = Arc::new(fleet::Live::default());
+    let count = devices.len() as u64;
+    let progress = {
+        let live = live.clone();
+        let stop = shutdown.child_token();
+        let worker = partition.is_some();
+        let task_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut before = fleet::Progress::default();
+            loop {
+                tokio::select! {
+                    _ = task_stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = live.progress();
+                if worker {
+                    println!("{}", fleet::workers::WorkerLine::Progress(now).to_line());
+                } else {
+                    eprintln!(
+                        "{}",
+                        now.line(started.elapsed(), count, &before, Duration::from_secs(1))
+                    );
+                }
+                before = now;
+            }
+        });
+        (stop, task)
+    };
+    let mut report = fleet::run_with(devices, options, live, shutdown).await;
+    progress.0.cancel();
+    let _ = progress.1.await;
+    if partition.is_some() {
+        println!(
+            "{}",
+            fleet::workers::WorkerLine::Report(Box::new(report)).to_line()
+        );
+        return Ok(());
+    }
+    report.backends = backend_figures(&args.backend_stats, stats).await?;
+    print_report(&report, args.json)
+}
+
+/// Resets the latency distributions of the sample backends a run reports on.
+async fn reset_backend_stats(urls: &[String]) -> anyhow::Result<Option<()>> {
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    for url in urls {
+        backends::fetch_stats(url, true).await?;
+    }
+    Ok(Some(()))
+}
+
+async fn backend_figures(
+    urls: &[String],
+    asked: Option<()>,
+) -> anyhow::Result<Option<fleet::report::BackendFigures>> {
+    if asked.is_none() {
+        return Ok(None);
+    }
+    let mut figures = fleet::report::BackendFigures::default();
+    for url in urls {
+        let s = backends::fetch_stats(url, false).await?;
+        figures.telemetry.merge(&s.telemetry_latency);
+        figures.command_round_trip.merge(&s.command_round_trip);
+        figures.frames += s.frames;
+        figures.responses += s.responses;
+    }
+    Ok(Some(figures))
+}
+
+fn print_report(report: &fleet::FleetReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
 }
 
 async fn backend(listen: SocketAddr, kind: Kind, name: &str) -> anyhow::Result<()> {

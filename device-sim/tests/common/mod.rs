@@ -9,7 +9,8 @@ pub fn assert_refusals(refusals: &[(String, Option<Refused>)]) {
         verdict("intruder"),
         Some(Refused::Http {
             status: 403,
-            code: "unknown-device".into()
+            code: "unknown-device".into(),
+            retry_after: None,
         })
     );
     assert!(
@@ -19,14 +20,16 @@ pub fn assert_refusals(refusals: &[(String, Option<Refused>)]) {
         verdict("retired-sensor"),
         Some(Refused::Http {
             status: 403,
-            code: "device-revoked".into()
+            code: "device-revoked".into(),
+            retry_after: None,
         })
     );
     assert_eq!(
         verdict("sensor-00001"),
         Some(Refused::Http {
             status: 400,
-            code: "no-route".into()
+            code: "no-route".into(),
+            retry_after: None,
         })
     );
 }
