@@ -15,7 +15,60 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::WebSocketStream;
 
-pub type DeviceSocket = WebSocketStream<TlsStream<TcpStream>>;
+pub type DeviceSocket = WebSocketStream<Stream>;
+
+/// A device's transport: TLS with its certificate (`wss://`, every gateway and proxy), or
+/// plain TCP (`ws://`, only for measuring the direct path to a backend without a proxy).
+pub enum Stream {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Where and how devices connect.
 #[derive(Clone, Debug)]
@@ -23,23 +76,29 @@ pub struct Target {
     pub addr: SocketAddr,
     pub server_name: ServerName<'static>,
     pub url: String,
+    /// `wss://` (the default for everything but a direct backend baseline).
+    pub tls: bool,
 }
 
 impl Target {
-    /// Parses `wss://HOST:PORT/PATH`; HOST must resolve (an IP or `localhost`).
+    /// Parses `wss://HOST:PORT/PATH` (or `ws://`, without TLS: for measuring the direct path
+    /// to a backend); HOST must resolve (an IP or `localhost`).
     pub fn parse(url: &str) -> anyhow::Result<Self> {
         let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("wss"),
-            "gateway URL must start with wss://"
-        );
+        let tls = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => {
+                anyhow::bail!("gateway URL must start with wss:// (or ws:// for a direct backend)")
+            }
+        };
         let host = uri
             .host()
             .ok_or_else(|| anyhow::anyhow!("gateway URL has no host"))?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = uri.port_u16().unwrap_or(443);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let ip: IpAddr = if host == "localhost" {
             IpAddr::from([127, 0, 0, 1])
         } else {
@@ -51,6 +110,7 @@ impl Target {
             addr: SocketAddr::new(ip, port),
             server_name: ServerName::try_from(host)?,
             url: url.to_string(),
+            tls,
         })
     }
 }
@@ -172,10 +232,16 @@ pub async fn connect(
             .await
             .map_err(|e| classify_io(&e))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(target.server_name.clone(), tcp)
-            .await
-            .map_err(|e| classify_io(&e))?;
+        let stream = if target.tls {
+            Stream::Tls(Box::new(
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(target.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| classify_io(&e))?,
+            ))
+        } else {
+            Stream::Plain(tcp)
+        };
         let mut request = target
             .url
             .as_str()
@@ -190,7 +256,7 @@ pub async fn connect(
             .write_buffer_size(0)
             .max_message_size(Some(1 << 20))
             .max_frame_size(Some(1 << 20));
-        match tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await {
+        match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
             Ok((ws, resp)) => {
                 let proto = resp
                     .headers()

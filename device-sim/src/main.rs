@@ -102,6 +102,13 @@ struct FleetArgs {
     /// Share of devices (0.0-1.0) that never reconnect.
     #[arg(long, default_value_t = 0.0)]
     never_reconnect: f64,
+    /// Milliseconds each session lasts before the device closes it (default: until the end).
+    #[arg(long)]
+    hold_ms: Option<u64>,
+    /// Sessions each device opens one after another (each --hold-ms long), reusing its TLS
+    /// client so that all but the first can resume.
+    #[arg(long, default_value_t = 1, requires = "hold_ms")]
+    sessions_per_device: u32,
     /// Seed of every random choice (jitter, invalid frames, encodings).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -185,6 +192,16 @@ enum Command {
     Nats {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+    },
+    /// Print a sample backend's figures as JSON (counters, end-to-end telemetry latency,
+    /// command round trip).
+    Stats {
+        /// The backend, e.g. ws://127.0.0.1:9001
+        #[arg(long)]
+        url: String,
+        /// Start its latency distributions afresh after reading them.
+        #[arg(long)]
+        reset: bool,
     },
     /// Sample ingest backend: counts telemetry per device.
     Ingest {
@@ -367,6 +384,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(cluster);
             Ok(())
         }
+        Command::Stats { url, reset } => {
+            let stats = backends::fetch_stats(&url, reset).await?;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(())
+        }
         Command::Ingest { listen } => backend(listen, Kind::Ingest, "ingest").await,
         Command::Echo {
             listen,
@@ -507,6 +529,8 @@ async fn fleet_command(args: FleetArgs) -> anyhow::Result<()> {
             ..fleet::Backoff::default()
         }),
         seed: args.seed,
+        session_hold: args.hold_ms.map(Duration::from_millis),
+        sessions_per_device: args.sessions_per_device.max(1),
         ..FleetOptions::new(target, args.subprotocol.clone())
     };
     let stats = match partition {

@@ -182,6 +182,11 @@ pub struct FleetOptions {
     pub reconnect: Option<Backoff>,
     /// Seed of every device's random choices (jitter, invalid frames, encodings).
     pub seed: u64,
+    /// How long each session lasts before the device closes it (`None`: until the run ends).
+    pub session_hold: Option<Duration>,
+    /// Sessions a device opens one after another, each `session_hold` long, with the same
+    /// TLS client (so every one after the first can resume its TLS session).
+    pub sessions_per_device: u32,
 }
 
 impl FleetOptions {
@@ -203,6 +208,8 @@ impl FleetOptions {
             frame_bytes: None,
             reconnect: None,
             seed: 1,
+            session_hold: None,
+            sessions_per_device: 1,
         }
     }
 }
@@ -216,6 +223,8 @@ pub struct Live {
     sent: AtomicU64,
     ended: AtomicU64,
     errors: AtomicU64,
+    /// Frames that came back (from an echo backend) to the device that sent them.
+    echo: std::sync::Mutex<Latency>,
 }
 
 /// One reading of [`Live`]; worker processes send theirs to the coordinator, which adds them.
@@ -232,6 +241,13 @@ pub struct Progress {
 }
 
 impl Live {
+    fn record_echo(&self, us: u64) {
+        self.echo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(us);
+    }
+
     pub fn progress(&self) -> Progress {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Progress {
@@ -275,6 +291,7 @@ impl Progress {
 #[derive(Debug, Default)]
 struct DeviceOutcome {
     sessions: u64,
+    resumed: u64,
     reconnects: u64,
     gave_up: bool,
     refused: Vec<Refused>,
@@ -294,6 +311,8 @@ struct DeviceOutcome {
 enum End {
     /// The run is over (its time, or shutdown): the device closed normally.
     Over,
+    /// The session lasted its `session_hold`: the device closed it normally.
+    Held,
     /// The gateway closed it with this code.
     Closed(u16),
     /// The connection failed.
@@ -401,6 +420,11 @@ async fn run_device(
             }
             Ok((mut ws, _proto)) => {
                 out.handshake_us.push(started.elapsed().as_micros() as u64);
+                if let device::Stream::Tls(tls) = ws.get_ref() {
+                    out.resumed += u64::from(
+                        tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                    );
+                }
                 if let Some(since) = down_since.take() {
                     out.back_after_us.push(since.elapsed().as_micros() as u64);
                 }
@@ -419,6 +443,10 @@ async fn run_device(
                 live.connected.fetch_sub(1, Ordering::Relaxed);
                 match end {
                     End::Over => break,
+                    End::Held if out.sessions < u64::from(options.sessions_per_device.max(1)) => {
+                        continue
+                    }
+                    End::Held => break,
                     End::Closed(code) => out.closes.push(code),
                     End::Failed(e) => {
                         live.errors.fetch_add(1, Ordering::Relaxed);
@@ -470,10 +498,17 @@ async fn session(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let generator = options.payloads.0.get(&device.device_type);
+    let ends = match options.session_hold {
+        Some(hold) => deadline.min(tokio::time::Instant::now() + hold),
+        None => deadline,
+    };
+    let held = ends < deadline;
+    // Frames in flight by seq, for the round trip through an echo backend.
+    let mut in_flight: std::collections::VecDeque<(u64, Instant)> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(ends) => break,
             _ = tick.tick(), if period.is_some() => {
                 *seq += 1;
                 let invalid = options.invalid_share > 0.0 && rng.f64() < options.invalid_share;
@@ -491,6 +526,10 @@ async fn session(
                     None => Message::text(telemetry(&device.device_type, &device.id, *seq)),
                 };
                 let len = message.len() as u64;
+                if in_flight.len() == 64 {
+                    in_flight.pop_front();
+                }
+                in_flight.push_back((*seq, Instant::now()));
                 if let Err(e) = ws.send(message).await {
                     return End::Failed(e.to_string());
                 }
@@ -504,6 +543,8 @@ async fn session(
                     out.received += 1;
                     if t.contains("\"$gatehouse\"") {
                         out.error_frames += 1;
+                    } else if let Some(us) = echoed(&mut in_flight, serde_json::from_str::<serde_json::Value>(&t).ok()) {
+                        live.record_echo(us);
                     } else if let Some(reply) = answer(&device.id, &t, options.error_rate) {
                         if !options.response_delay.is_zero() {
                             tokio::time::sleep(options.response_delay).await;
@@ -521,11 +562,12 @@ async fn session(
                 Some(Ok(Message::Binary(b))) => {
                     out.received += 1;
                     // The gateway answers a CBOR frame with a CBOR error frame.
-                    let error = ciborium::from_reader::<ciborium::Value, _>(&b[..])
-                        .ok()
-                        .and_then(|v| v.into_map().ok())
-                        .is_some_and(|m| m.iter().any(|(k, _)| k.as_text() == Some("$gatehouse")));
-                    out.error_frames += u64::from(error);
+                    let value = ciborium::from_reader::<serde_json::Value, _>(&b[..]).ok();
+                    if value.as_ref().is_some_and(|v| v.get("$gatehouse").is_some()) {
+                        out.error_frames += 1;
+                    } else if let Some(us) = echoed(&mut in_flight, value) {
+                        live.record_echo(us);
+                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return End::Failed(e.to_string()),
@@ -549,7 +591,24 @@ async fn session(
         }
     })
     .await;
-    End::Over
+    if held {
+        End::Held
+    } else {
+        End::Over
+    }
+}
+
+/// The round trip of a frame that came back, if `value` is one this device sent.
+fn echoed(
+    in_flight: &mut std::collections::VecDeque<(u64, Instant)>,
+    value: Option<serde_json::Value>,
+) -> Option<u64> {
+    let seq = value?.get("seq")?.as_u64()?;
+    let at = in_flight.iter().position(|(s, _)| *s == seq)?;
+    let (_, sent) = in_flight.remove(at)?;
+    // Older frames did not come back in order: drop them.
+    in_flight.drain(..at);
+    Some(sent.elapsed().as_micros() as u64)
 }
 
 /// Runs the fleet to completion (or until `shutdown`).
@@ -611,6 +670,7 @@ pub async fn run_with(
         };
         report.connected += u64::from(out.sessions > 0);
         report.sessions += out.sessions;
+        report.resumed += out.resumed;
         report.reconnects += out.reconnects;
         report.gave_up += u64::from(out.gave_up);
         for us in out.handshake_us {
@@ -635,6 +695,7 @@ pub async fn run_with(
             *report.errors.entry(e).or_default() += 1;
         }
     }
+    report.echo = live.echo.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     report
 }

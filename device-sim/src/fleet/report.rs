@@ -106,6 +106,9 @@ pub struct FleetReport {
     pub connected: u64,
     /// Sessions opened (a reconnecting device opens several).
     pub sessions: u64,
+    /// Sessions whose TLS handshake resumed an earlier one.
+    #[serde(default)]
+    pub resumed: u64,
     /// Sessions opened after an earlier session or refusal of the same device.
     pub reconnects: u64,
     /// Devices that dropped and did not come back because they never reconnect.
@@ -128,6 +131,9 @@ pub struct FleetReport {
     pub handshake: Latency,
     /// From a device losing its session (or its first refusal) to its next session.
     pub reconnect: Latency,
+    /// Telemetry frames that an echo backend sent back, from send to return.
+    #[serde(default)]
+    pub echo: Latency,
     /// End-to-end telemetry latency and command round trip, as measured by the sample
     /// backends named with `--backend-stats` (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +166,7 @@ impl FleetReport {
         self.devices += other.devices;
         self.connected += other.connected;
         self.sessions += other.sessions;
+        self.resumed += other.resumed;
         self.reconnects += other.reconnects;
         self.gave_up += other.gave_up;
         add_all(&mut self.refused, &other.refused);
@@ -173,6 +180,7 @@ impl FleetReport {
         add_all(&mut self.errors, &other.errors);
         self.handshake.merge(&other.handshake);
         self.reconnect.merge(&other.reconnect);
+        self.echo.merge(&other.echo);
         match (&mut self.backends, &other.backends) {
             (Some(mine), Some(theirs)) => {
                 mine.telemetry.merge(&theirs.telemetry);
@@ -206,8 +214,8 @@ impl FleetReport {
         println!("{pad}  connected          {}", self.connected);
         if self.sessions != self.connected || self.reconnects > 0 {
             println!(
-                "{pad}  sessions           {} ({} after a reconnect)",
-                self.sessions, self.reconnects
+                "{pad}  sessions           {} ({} after a reconnect, {} TLS resumed)",
+                self.sessions, self.reconnects, self.resumed
             );
         }
         for (why, n) in &self.refused {
@@ -221,6 +229,9 @@ impl FleetReport {
         }
         if self.reconnect.count() > 0 {
             println!("{pad}  back after         {}", self.reconnect.summary());
+        }
+        if self.echo.count() > 0 {
+            println!("{pad}  echo round trip    {}", self.echo.summary());
         }
         println!(
             "{pad}  telemetry sent     {} ({:.0}/s{})",
