@@ -39,7 +39,8 @@ W=$(mktemp -d /tmp/gatehouse-peers-XXXX)
 PIDS=""
 stop_system() {
   if [ -f "$W/nginx.pid" ]; then nginx -c "$W/nginx.conf" -s stop 2>/dev/null || true; sleep 0.5; rm -f "$W/nginx.pid"; fi
-  for p in $PIDS; do kill -INT "$p" 2>/dev/null || true; done
+  # gatehouse drains on SIGINT; HAProxy only stops at once on SIGTERM.
+  for p in $PIDS; do kill -INT "$p" 2>/dev/null || true; [ "$SYS" = haproxy ] && kill -TERM "$p" 2>/dev/null || true; done
   for p in $PIDS; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
   PIDS=""
 }
