@@ -252,7 +252,10 @@ pub async fn handle(
         // One snapshot of the runtime configuration for the whole handshake and session setup.
         let live = shared.live.load_full();
         crate::net::keepalive(&tcp, live.config.tcp_keepalive);
-        let result = handshake::handshake(&shared, &live, tcp, peer, &conn_id).await;
+        // Boxed: the handshake's state (TLS accept, request parsing, backend connection) lives
+        // in its own allocation, freed when it completes, instead of inline in the session's
+        // future for as long as the session lasts.
+        let result = Box::pin(handshake::handshake(&shared, &live, tcp, peer, &conn_id)).await;
         drop(handshake);
         let upgraded = match result {
             Ok(Outcome::Upgraded(u)) => u,

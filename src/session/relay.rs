@@ -673,7 +673,8 @@ async fn finish<S>(
             if raw.shutdown().await.is_err() {
                 return;
             }
-            let mut discard = [0u8; 8192];
+            // On the heap: an array here would sit in every session's future for its life.
+            let mut discard = vec![0u8; 8192];
             while let Ok(1..) = raw.read(&mut discard).await {}
             return;
         }
