@@ -38,9 +38,12 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Largest single WebSocket frame: as large as a message, so fragmentation is optional.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
-/// Initial read buffer per WebSocket: 4 KiB (tungstenite allocates 128 KiB per connection by
+/// Initial read buffer per WebSocket: 1 KiB (tungstenite allocates 128 KiB per connection by
 /// default and zero-fills it on each read). It grows up to a frame when a large frame arrives.
-pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Every idle device holds it for as long as it is connected: 4 KiB cost about 3 KiB more RSS
+/// per idle device with no measurable CPU difference for small frames (docs/benchmarks.md,
+/// "Fleet scale and cost"); device reads come from rustls' plaintext buffer, not a syscall each.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 1024;
 
 /// Bytes buffered before a write goes to the socket: 16 KiB. The relay also flushes as soon as
 /// its source has nothing more ready, so this only batches bursts.
