@@ -464,7 +464,12 @@ async fn run_device(
             out.gave_up = true;
             break;
         }
-        down_since.get_or_insert(started);
+        // Down since the session ended, or since the first refused attempt.
+        down_since.get_or_insert(if session.is_some() {
+            Instant::now()
+        } else {
+            started
+        });
         let attempt = attempts.next(backoff, session);
         let wait = backoff.delay(attempt, retry_after, rng.f64());
         if !wait_until(tokio::time::Instant::now() + wait, deadline, &shutdown).await {
@@ -584,9 +589,23 @@ async fn session(
     // Read until the gateway's close answer, bounded.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(f) = msg {
-                out.closes
-                    .push(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+            match msg {
+                Message::Close(f) => out
+                    .closes
+                    .push(f.map(|f| u16::from(f.code)).unwrap_or(1005)),
+                // Answers to the last frames, still in flight when the device closed.
+                Message::Text(t) => {
+                    out.received += 1;
+                    out.error_frames += u64::from(t.contains("\"$gatehouse\""));
+                }
+                Message::Binary(b) => {
+                    out.received += 1;
+                    out.error_frames += u64::from(
+                        ciborium::from_reader::<serde_json::Value, _>(&b[..])
+                            .is_ok_and(|v| v.get("$gatehouse").is_some()),
+                    );
+                }
+                _ => {}
             }
         }
     })
