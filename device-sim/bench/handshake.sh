@@ -23,8 +23,7 @@ cargo build --release --workspace -q
 B=$PWD/target/release
 W=$(mktemp -d /tmp/gatehouse-handshake-XXXX)
 trap 'kill -INT $(jobs -p) 2>/dev/null || true; sleep 0.5' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1))" 2>/dev/null; do sleep 0.1; done; }
+. device-sim/bench/common.sh
 INGEST_PORT=$(free_port)
 
 $B/gatehouse-pki init --dir "$W/pki" >/dev/null

@@ -45,13 +45,7 @@ stop_system() {
   PIDS=""
 }
 trap 'stop_system; kill $(jobs -p) 2>/dev/null || true' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {  # $1 port, $2 (optional) the pid that must stay alive meanwhile
-  until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1))" 2>/dev/null; do
-    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then echo "the system under test exited before listening; see $W"; exit 1; fi
-    sleep 0.1
-  done
-}
+. device-sim/bench/common.sh
 cpu() { local t=0; for p in $PIDS; do t=$(( t + $(awk '{print $14+$15}' /proc/$p/stat) )); done; echo $t; }    # clock ticks
 rss() { local t=0; for p in $PIDS; do t=$(( t + $(awk '/VmRSS/ {print $2}' /proc/$p/status) )); done; echo $t; } # KiB
 frames() { $B/gatehouse-sim stats --url "ws://127.0.0.1:$INGEST_PORT" | python3 -c 'import json,sys; print(json.load(sys.stdin)["frames"])'; }
@@ -94,42 +88,7 @@ TOML
     wait_port $PORT $PIDS
     ;;
   nginx)
-    cat > "$W/nginx.conf" <<NGINX
-worker_processes auto;
-worker_rlimit_nofile 20000;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 19000; }
-http {
-  access_log off;
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-  server {
-    listen 127.0.0.1:$PORT ssl;
-    ssl_certificate $W/pki/server.pem;
-    ssl_certificate_key $W/pki/server.key;
-    ssl_client_certificate $W/pki/ca.pem;
-    ssl_crl $W/pki/crl.pem;
-    ssl_verify_client on;
-    ssl_protocols TLSv1.3;
-    location / {
-      proxy_pass http://127.0.0.1:$INGEST_PORT;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-      proxy_set_header x-gatehouse-device-id \$ssl_client_s_dn;
-      proxy_read_timeout 3600s;
-    }
-    location /echo {
-      proxy_pass http://127.0.0.1:$ECHO_PORT;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-      proxy_set_header x-gatehouse-device-id \$ssl_client_s_dn;
-      proxy_read_timeout 3600s;
-    }
-  }
-}
-NGINX
+    nginx_conf "$W" "$PORT" "$INGEST_PORT" "$ECHO_PORT" > "$W/nginx.conf"
     nginx -c "$W/nginx.conf"
     until [ -s "$W/nginx.pid" ]; do sleep 0.1; done
     wait_port $PORT

@@ -21,7 +21,7 @@ cargo build --release --workspace -q
 B=$PWD/target/release
 W=$(mktemp -d /tmp/gatehouse-bench-XXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. device-sim/bench/common.sh
 GW_PORT=$(free_port); INGEST_PORT=$(free_port)
 
 $B/gatehouse-pki init --dir "$W/pki" >/dev/null
@@ -35,34 +35,7 @@ $B/gatehouse devices --config "$W/gatehouse.toml" enroll --manifest "$W/pki/flee
 
 $B/gatehouse-sim ingest --listen 127.0.0.1:$INGEST_PORT > "$W/ingest.log" &
 if [ "$TARGET" = nginx ]; then
-  cat > "$W/nginx.conf" <<NGINX
-worker_processes auto;
-worker_rlimit_nofile 20000;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 19000; }
-http {
-  access_log off;
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-  server {
-    listen 127.0.0.1:$GW_PORT ssl;
-    ssl_certificate $W/pki/server.pem;
-    ssl_certificate_key $W/pki/server.key;
-    ssl_client_certificate $W/pki/ca.pem;
-    ssl_crl $W/pki/crl.pem;
-    ssl_verify_client on;
-    ssl_protocols TLSv1.3;
-    location / {
-      proxy_pass http://127.0.0.1:$INGEST_PORT;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-      proxy_set_header x-gatehouse-device-id \$ssl_client_s_dn;
-      proxy_read_timeout 3600s;
-    }
-  }
-}
-NGINX
+  nginx_conf "$W" "$GW_PORT" "$INGEST_PORT" > "$W/nginx.conf"
   nginx -c "$W/nginx.conf"
   until [ -s "$W/nginx.pid" ]; do sleep 0.1; done
   sleep 0.5

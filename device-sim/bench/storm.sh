@@ -21,8 +21,7 @@ cargo build --release --workspace -q
 B=$PWD/target/release
 W=$(mktemp -d /tmp/gatehouse-storm-XXXX)
 trap 'kill -INT $(jobs -p) 2>/dev/null || true; sleep 1' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { until python3 -c "import socket; socket.create_connection(('127.0.0.1',$1))" 2>/dev/null; do sleep 0.05; done; }
+. device-sim/bench/common.sh
 GW_PORT=$(free_port); INGEST_PORT=$(free_port)
 $B/gatehouse-pki init --dir "$W/pki" >/dev/null
 $B/gatehouse-pki server --dir "$W/pki" --dns localhost --ip 127.0.0.1 >/dev/null
