@@ -344,8 +344,12 @@ pub fn telemetry(device_type: &str, id: &str, seq: u64) -> String {
 /// gateway's error frames). A fraction `error_rate` of answers (chosen deterministically from
 /// the device and command id) report a failure.
 pub fn answer(device: &str, command: &str, error_rate: f64) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(command).ok()?;
-    if value.get("$gatehouse").is_some() {
+    answer_value(device, &serde_json::from_str(command).ok()?, error_rate)
+}
+
+/// [`answer`] for a frame already decoded.
+fn answer_value(device: &str, value: &serde_json::Value, error_rate: f64) -> Option<String> {
+    if is_error_frame(value) {
         return None;
     }
     let id = value.get("id")?;
@@ -544,18 +548,21 @@ async fn session(
                 live.sent.fetch_add(1, Ordering::Relaxed);
             }
             msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
                     out.received += 1;
-                    if t.contains("\"$gatehouse\"") {
+                    let value = decode(&msg);
+                    if value.as_ref().is_some_and(is_error_frame) {
                         out.error_frames += 1;
-                    } else if let Some(us) = echoed(&mut in_flight, serde_json::from_str::<serde_json::Value>(&t).ok()) {
+                    } else if let Some(us) = echoed(&mut in_flight, value.as_ref()) {
                         live.record_echo(us);
-                    } else if let Some(reply) = answer(&device.id, &t, options.error_rate) {
-                        if !options.response_delay.is_zero() {
-                            tokio::time::sleep(options.response_delay).await;
-                        }
-                        if ws.send(Message::text(reply)).await.is_ok() {
-                            out.answered += 1;
+                    } else if let (Message::Text(_), Some(v)) = (&msg, &value) {
+                        if let Some(reply) = answer_value(&device.id, v, options.error_rate) {
+                            if !options.response_delay.is_zero() {
+                                tokio::time::sleep(options.response_delay).await;
+                            }
+                            if ws.send(Message::text(reply)).await.is_ok() {
+                                out.answered += 1;
+                            }
                         }
                     }
                 }
@@ -563,16 +570,6 @@ async fn session(
                     // Let tungstenite send the echo.
                     while let Some(Ok(_)) = ws.next().await {}
                     return End::Closed(f.map(|f| u16::from(f.code)).unwrap_or(1005));
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    out.received += 1;
-                    // The gateway answers a CBOR frame with a CBOR error frame.
-                    let value = ciborium::from_reader::<serde_json::Value, _>(&b[..]).ok();
-                    if value.as_ref().is_some_and(|v| v.get("$gatehouse").is_some()) {
-                        out.error_frames += 1;
-                    } else if let Some(us) = echoed(&mut in_flight, value) {
-                        live.record_echo(us);
-                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return End::Failed(e.to_string()),
@@ -594,16 +591,9 @@ async fn session(
                     .closes
                     .push(f.map(|f| u16::from(f.code)).unwrap_or(1005)),
                 // Answers to the last frames, still in flight when the device closed.
-                Message::Text(t) => {
+                msg @ (Message::Text(_) | Message::Binary(_)) => {
                     out.received += 1;
-                    out.error_frames += u64::from(t.contains("\"$gatehouse\""));
-                }
-                Message::Binary(b) => {
-                    out.received += 1;
-                    out.error_frames += u64::from(
-                        ciborium::from_reader::<serde_json::Value, _>(&b[..])
-                            .is_ok_and(|v| v.get("$gatehouse").is_some()),
-                    );
+                    out.error_frames += u64::from(decode(&msg).is_some_and(|v| is_error_frame(&v)));
                 }
                 _ => {}
             }
@@ -617,10 +607,25 @@ async fn session(
     }
 }
 
+/// A text (JSON) or binary (CBOR) frame from the gateway, decoded once.
+fn decode(msg: &Message) -> Option<serde_json::Value> {
+    match msg {
+        Message::Text(t) => serde_json::from_str(t).ok(),
+        // The gateway answers a CBOR frame with a CBOR error frame.
+        Message::Binary(b) => ciborium::from_reader(&b[..]).ok(),
+        _ => None,
+    }
+}
+
+/// One of the gateway's error frames (`{"$gatehouse":"error",...}`).
+fn is_error_frame(value: &serde_json::Value) -> bool {
+    value.get("$gatehouse").is_some()
+}
+
 /// The round trip of a frame that came back, if `value` is one this device sent.
 fn echoed(
     in_flight: &mut std::collections::VecDeque<(u64, Instant)>,
-    value: Option<serde_json::Value>,
+    value: Option<&serde_json::Value>,
 ) -> Option<u64> {
     let seq = value?.get("seq")?.as_u64()?;
     let at = in_flight.iter().position(|(s, _)| *s == seq)?;
