@@ -184,6 +184,10 @@ enum Command {
         /// A `[server]` line, repeatable, e.g. `--server "source_handshakes_per_second = 0"`.
         #[arg(long = "server")]
         server: Vec<String>,
+        /// A `[cluster]` line, repeatable, e.g. `--cluster 'servers = ["nats://127.0.0.1:4222"]'`:
+        /// the registry then lives in NATS JetStream instead of sled (`--registry` unused).
+        #[arg(long = "cluster")]
+        cluster: Vec<String>,
     },
     /// A NATS JetStream cluster on loopback, for trying the cluster stores and for the
     /// cluster benchmarks: prints the `servers = [...]` line of a `[cluster]` section, then
@@ -338,7 +342,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections,
             limits,
             server,
+            cluster,
         } => {
+            let cluster =
+                (!cluster.is_empty()).then(|| format!("[cluster]\n{}\n", cluster.join("\n")));
             let template = gatehouse::config::template::Template {
                 listen: listen.to_string(),
                 server: max_connections
@@ -347,8 +354,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .chain(server)
                     .collect(),
                 pki_dir: pki,
-                registry,
-                cluster: None,
+                registry: if cluster.is_some() {
+                    String::new()
+                } else {
+                    registry
+                },
+                cluster,
                 schemas_dir: schemas,
                 admin: None,
                 audit: None,

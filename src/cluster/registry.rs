@@ -167,7 +167,16 @@ impl NatsRegistry {
         &self,
         f: impl std::future::Future<Output = Result<T, RegistryError>>,
     ) -> Result<T, RegistryError> {
-        super::block_on(&self.runtime, self.timeout * 2, f, |t| {
+        self.run_for(self.timeout * 2, f)
+    }
+
+    /// [`Self::run`] with its own bound (a batch of writes gets one per hundred records).
+    fn run_for<T>(
+        &self,
+        bound: Duration,
+        f: impl std::future::Future<Output = Result<T, RegistryError>>,
+    ) -> Result<T, RegistryError> {
+        super::block_on(&self.runtime, bound, f, |t| {
             unavailable(format!("no answer in {} ms", t.as_millis()))
         })
     }
@@ -303,7 +312,10 @@ impl NatsRegistry {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..WRITE_ATTEMPTS {
             let planned = plan(&self.index)?;
-            if let Attempt::Done(()) = self.run(self.write(&planned))? {
+            // Each record is two sequential writes: a fleet enrolled at once (100,000
+            // devices) must not be cut off by the bound meant for one request.
+            let bound = self.timeout * 2 * (1 + planned.len() / 100) as u32;
+            if let Attempt::Done(()) = self.run_for(bound, self.write(&planned))? {
                 return Ok(planned);
             }
         }
