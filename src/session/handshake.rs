@@ -58,6 +58,8 @@ pub struct Upgraded {
     pub backend_url: String,
     /// The session's place in the table (entered at admission) and its handle.
     pub registration: Registration,
+    /// The older sessions this one took over (ended as it was listed).
+    pub taken_over: Vec<String>,
     /// Its holder in the cluster's session ownership (`[cluster]` only).
     pub claim: Option<Box<dyn crate::storage::OwnershipClaim>>,
     pub handle: SessionHandle,
@@ -324,6 +326,9 @@ pub async fn handshake(
         }
     };
 
+    // Listed (and older sessions taken over) before the device reads its 101: a device that
+    // holds an answer always finds its session in the table.
+    let taken_over = registration.upgraded(&backend_url);
     accept_upgrade(&mut tls, &request.key, &route.subprotocol).await?;
     let device_ws = WebSocketStream::from_partially_read(
         tls,
@@ -343,6 +348,7 @@ pub async fn handshake(
         route,
         backend_url,
         registration,
+        taken_over,
         claim,
         handle,
         slot,

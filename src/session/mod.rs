@@ -281,6 +281,7 @@ pub async fn handle(
             route,
             backend_url,
             registration,
+            taken_over,
             claim,
             handle,
             slot,
@@ -288,7 +289,6 @@ pub async fn handle(
         let session_metrics = shared
             .metrics
             .session(&route.subprotocol, &device.device_type);
-        let taken_over = registration.upgraded(&backend_url);
         if let Some(claim) = &claim {
             claim.upgraded(route.duplicates).await;
         }
